@@ -1,0 +1,409 @@
+//! The Rust side of bpf/ktproxy.bpf.c: configure the programs, load them, and
+//! attach them to cgroups with bpf_links.
+//!
+//! Links, not legacy attachments: a link lives exactly as long as its file
+//! descriptor, so when ktproxy exits for any reason, kill -9 included, the
+//! kernel detaches everything and connections go direct again.
+
+use std::fs::File;
+use std::mem::MaybeUninit;
+use std::net::{SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Mutex;
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, PrintLevel};
+
+use crate::cli::PortSet;
+use crate::error::{Context, Error, Result};
+use crate::preflight;
+use crate::rules::{Cidr, Rules};
+
+mod skel {
+    include!(concat!(env!("OUT_DIR"), "/ktproxy.skel.rs"));
+}
+use skel::{KtproxySkel, KtproxySkelBuilder};
+
+/// Everything the kernel side needs, fixed in .rodata before load(): there is
+/// no moment where a program runs with half a configuration.
+pub struct KernelConfig<'a> {
+    pub proxy_cgroup_id: u64,
+    pub proxy_netns_cookie: u64,
+    pub listen4: Option<SocketAddrV4>,
+    pub listen6: Option<SocketAddrV6>,
+    pub ports: Option<&'a PortSet>,
+    pub rules: &'a Rules,
+}
+
+/// Counters kept by the programs (enum stat in the C file, same order).
+pub const STAT_NAMES: [&str; 9] = [
+    "redirected",
+    "skipped_proxy_own",
+    "skipped_other_netns",
+    "skipped_by_rule",
+    "skipped_to_proxy",
+    "no_socket_storage",
+    "flows_published",
+    "flows_claimed",
+    "original_dst_answered",
+];
+
+/// Loaded programs and their links. Dropping it detaches everything, the
+/// redirect first.
+pub struct Redirect {
+    skel: KtproxySkel<'static>,
+    links: Vec<(&'static str, Link)>,
+}
+
+impl Redirect {
+    /// Loads the programs and attaches them: the proxy-side ones to ktproxy's
+    /// own cgroup, the client-side ones to the intercepted cgroup, connect
+    /// last so that a redirected connection always finds everything in place.
+    pub fn start(cfg: &KernelConfig, intercepted: &Path, own: &Path) -> Result<Redirect> {
+        let skel = load(cfg)?;
+        let mut r = Redirect {
+            skel,
+            links: Vec::new(),
+        };
+        let own_fd = open_dir(own)?;
+        let target_fd = open_dir(intercepted)?;
+        let p = &r.skel.progs;
+        let plan = [
+            (
+                "ktproxy_sockops_proxy",
+                &p.ktproxy_sockops_proxy,
+                &own_fd,
+                own,
+            ),
+            ("ktproxy_getsockopt", &p.ktproxy_getsockopt, &own_fd, own),
+            (
+                "ktproxy_sockops_client",
+                &p.ktproxy_sockops_client,
+                &target_fd,
+                intercepted,
+            ),
+            (
+                "ktproxy_getpeername4",
+                &p.ktproxy_getpeername4,
+                &target_fd,
+                intercepted,
+            ),
+            (
+                "ktproxy_getpeername6",
+                &p.ktproxy_getpeername6,
+                &target_fd,
+                intercepted,
+            ),
+            (
+                "ktproxy_connect6",
+                &p.ktproxy_connect6,
+                &target_fd,
+                intercepted,
+            ),
+            (
+                "ktproxy_connect4",
+                &p.ktproxy_connect4,
+                &target_fd,
+                intercepted,
+            ),
+        ];
+        let mut links = Vec::new();
+        for (name, prog, fd, path) in plan {
+            let link = prog
+                .attach_cgroup(fd.as_raw_fd())
+                .with_context(|| format!("attaching {name} to {}", path.display()))?;
+            links.push((name, link));
+        }
+        r.links = links;
+        Ok(r)
+    }
+
+    /// Sum over CPUs of each counter, in STAT_NAMES order.
+    pub fn stats(&self) -> Vec<u64> {
+        let map = &self.skel.maps.stats;
+        (0..STAT_NAMES.len() as u32)
+            .map(|i| {
+                map.lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)
+                    .ok()
+                    .flatten()
+                    .map(|per_cpu| {
+                        per_cpu
+                            .iter()
+                            .filter_map(|v| v.get(..8)?.try_into().ok())
+                            .map(u64::from_ne_bytes)
+                            .sum()
+                    })
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Redirect {
+    fn drop(&mut self) {
+        // Reverse attach order: connect first, so no new connection is
+        // redirected while the rest is being taken down.
+        while let Some((name, link)) = self.links.pop() {
+            drop(link);
+            log::debug!("detached {name}");
+        }
+    }
+}
+
+fn open_dir(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| format!("opening cgroup {}", path.display()))
+}
+
+fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
+    // The skeleton borrows its object for as long as the programs are loaded,
+    // which is the rest of the process's life.
+    let object = Box::leak(Box::new(MaybeUninit::uninit()));
+    let mut open = KtproxySkelBuilder::default()
+        .open(object)
+        .context("opening the eBPF object")?;
+
+    let ro = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .ok_or_else(|| Error::new("eBPF object has no .rodata to configure"))?;
+    ro.proxy_cgroup_id = cfg.proxy_cgroup_id;
+    ro.proxy_netns_cookie = cfg.proxy_netns_cookie;
+    if let Some(a) = cfg.listen4 {
+        // Addresses stay in network byte order, ports in host byte order.
+        ro.listen_ip4 = u32::from_ne_bytes(a.ip().octets());
+        ro.listen_port4 = a.port();
+    }
+    if let Some(a) = cfg.listen6 {
+        ro.listen_ip6 = ip6_words(a.ip());
+        ro.listen_port6 = a.port();
+    }
+    if let Some(ports) = cfg.ports {
+        ro.port_filter = 1;
+        ro.port_bits = *ports.bits();
+    }
+    let (dest4, dest6) = split_families(&cfg.rules.dest);
+    let (excl4, excl6) = split_families(&cfg.rules.exclude);
+    ro.dest_filter = u8::from(cfg.rules.dest_given);
+    ro.have_excl4 = u8::from(!excl4.is_empty());
+    ro.have_excl6 = u8::from(!excl6.is_empty());
+
+    // LPM tries are sized to their rules (an empty map is not allowed).
+    let m = &mut open.maps;
+    for (map, keys) in [
+        (&mut m.dest4, &dest4),
+        (&mut m.dest6, &dest6),
+        (&mut m.excl4, &excl4),
+        (&mut m.excl6, &excl6),
+    ] {
+        let n = u32::try_from(keys.len().max(1))
+            .map_err(|_| Error::usage("too many destination rules"))?;
+        map.set_max_entries(n).context("sizing a rule map")?;
+    }
+
+    capture_libbpf_log(true);
+    let loaded = open.load();
+    let log = capture_libbpf_log(false);
+    let skel = loaded.map_err(|e| load_error(&e.to_string(), &log))?;
+
+    // Filled after load but before any program is attached: no connect can
+    // see a half-filled rule set.
+    let m = &skel.maps;
+    for (map, keys, what) in [
+        (&m.dest4, &dest4, "IPv4 destination"),
+        (&m.dest6, &dest6, "IPv6 destination"),
+        (&m.excl4, &excl4, "IPv4 exclusion"),
+        (&m.excl6, &excl6, "IPv6 exclusion"),
+    ] {
+        for key in keys {
+            map.update(key, &[1], MapFlags::ANY)
+                .with_context(|| format!("loading {what} rules"))?;
+        }
+    }
+    Ok(skel)
+}
+
+/// LPM trie keys: prefix length in host byte order, then the address in
+/// network byte order (struct lpm4_key / lpm6_key).
+fn split_families(cidrs: &[Cidr]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for c in cidrs {
+        match c {
+            Cidr::V4(a, len) => {
+                let mut k = u32::from(*len).to_ne_bytes().to_vec();
+                k.extend_from_slice(&a.octets());
+                v4.push(k);
+            }
+            Cidr::V6(a, len) => {
+                let mut k = u32::from(*len).to_ne_bytes().to_vec();
+                k.extend_from_slice(&a.octets());
+                v6.push(k);
+            }
+        }
+    }
+    (v4, v6)
+}
+
+pub fn ip6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
+}
+
+static LIBBPF_LOG: Mutex<String> = Mutex::new(String::new());
+
+fn record_libbpf(level: PrintLevel, msg: String) {
+    log::trace!("libbpf: {}", msg.trim_end());
+    if level <= PrintLevel::Info {
+        if let Ok(mut buf) = LIBBPF_LOG.lock() {
+            buf.push_str(&msg);
+        }
+    }
+}
+
+fn forward_libbpf(_level: PrintLevel, msg: String) {
+    log::debug!("libbpf: {}", msg.trim_end());
+}
+
+/// While loading, keep what libbpf says (the verifier log comes this way);
+/// afterwards only forward it to our log. Returns what was captured.
+fn capture_libbpf_log(on: bool) -> String {
+    if on {
+        if let Ok(mut b) = LIBBPF_LOG.lock() {
+            b.clear();
+        }
+        libbpf_rs::set_print(Some((PrintLevel::Debug, record_libbpf)));
+        String::new()
+    } else {
+        libbpf_rs::set_print(Some((PrintLevel::Debug, forward_libbpf)));
+        LIBBPF_LOG
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default()
+    }
+}
+
+/// One line: which program, why, and the verifier's own words.
+fn load_error(err: &str, log: &str) -> Error {
+    let (kernel, release) = preflight::kernel_version();
+    let (maj, min) = preflight::MIN_KERNEL;
+    let too_old = kernel.is_some_and(|k| k < preflight::MIN_KERNEL);
+    let kernel_note = format!(
+        "kernel {release}{}; ktproxy needs Linux >= {maj}.{min}",
+        if too_old { ", too old" } else { "" }
+    );
+    let what = match failed_program(log) {
+        Some(prog) => format!("loading eBPF program {prog}"),
+        None => "loading the eBPF programs".to_string(),
+    };
+    let detail = verifier_error(log)
+        .or_else(|| last_libbpf_error(log))
+        .unwrap_or_else(|| err.to_string());
+    Error::new(format!("{what}: {detail} ({kernel_note})"))
+}
+
+/// libbpf names the program in "libbpf: prog 'NAME': BPF program load failed: ...".
+fn failed_program(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("BPF program load failed") || l.contains("failed to load"))
+        .and_then(|l| l.split_once("prog '"))
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(name, _)| name.to_string())
+}
+
+/// The verifier's complaint: in the load log, the last line before the
+/// "processed N insns" summary that is not an instruction dump or register
+/// state (those start with a digit, ';' or a register).
+fn verifier_error(log: &str) -> Option<String> {
+    let start = log.find("-- BEGIN PROG LOAD LOG --")?;
+    let body = &log[start..];
+    let body = &body[..body.find("-- END PROG LOAD LOG --").unwrap_or(body.len())];
+    let lines: Vec<&str> = body
+        .lines()
+        .skip(1)
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    let end = lines
+        .iter()
+        .position(|l| l.starts_with("processed "))
+        .unwrap_or(lines.len());
+    lines[..end]
+        .iter()
+        .rev()
+        .find(|l| {
+            let first = l.chars().next().unwrap_or('0');
+            !first.is_ascii_digit()
+                && first != ';'
+                && !l.starts_with("R")
+                && !l.starts_with("from ")
+                && !l.starts_with("libbpf:")
+                && !l.starts_with("mark_precise")
+                && !l.starts_with("last_idx")
+                && !l.starts_with("verification time")
+                && !l.starts_with("stack depth")
+        })
+        .map(|l| l.to_string())
+}
+
+fn last_libbpf_error(log: &str) -> Option<String> {
+    log.lines()
+        .rev()
+        .find(|l| l.starts_with("libbpf: ") && !l.contains("-- END"))
+        .map(|l| l.trim_start_matches("libbpf: ").trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // What libbpf printed for a connect4 program that stored 16 bits to user_port.
+    const LOG: &str = "\
+libbpf: prog 'ktproxy_connect4': BPF program load failed: Permission denied
+libbpf: prog 'ktproxy_connect4': -- BEGIN PROG LOAD LOG --
+0: R1=ctx() R10=fp0
+; if (ctx->type != SOCK_STREAM) @ ktproxy.bpf.c:210
+0: (61) r2 = *(u32 *)(r1 +32)         ; R1=ctx() R2_w=scalar()
+5: (6b) *(u16 *)(r1 +24) = r2
+invalid bpf_context access off=24 size=2
+processed 6 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0
+-- END PROG LOAD LOG --
+libbpf: prog 'ktproxy_connect4': failed to load: -13
+libbpf: failed to load object 'ktproxy_bpf'
+";
+
+    #[test]
+    fn load_errors_name_the_program_and_the_verifier_complaint() {
+        assert_eq!(failed_program(LOG).as_deref(), Some("ktproxy_connect4"));
+        assert_eq!(
+            verifier_error(LOG).as_deref(),
+            Some("invalid bpf_context access off=24 size=2")
+        );
+        let e = load_error("Permission denied", LOG).to_string();
+        assert!(
+            e.starts_with("loading eBPF program ktproxy_connect4: invalid bpf_context access"),
+            "{e}"
+        );
+        assert!(e.contains("ktproxy needs Linux >= 5.14"), "{e}");
+        assert!(!e.contains('\n'), "one line: {e}");
+    }
+
+    #[test]
+    fn load_errors_without_a_verifier_log_use_libbpfs_last_word() {
+        let log = "libbpf: map 'flows': failed to create: Operation not permitted\n";
+        let e = load_error("Operation not permitted", log).to_string();
+        assert!(
+            e.starts_with("loading the eBPF programs: map 'flows': failed to create"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn ipv6_words_keep_network_byte_order() {
+        let w = ip6_words(&"::1".parse().unwrap());
+        assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+}

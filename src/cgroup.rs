@@ -1,0 +1,302 @@
+//! cgroup v2 handling: finding the hierarchy, checking `-c`, and ktproxy's own
+//! small cgroup.
+//!
+//! Why ktproxy needs a cgroup of its own: `cgroup/getsockopt` and sockops run
+//! for the cgroup of the *socket*, and an accepted socket belongs to the
+//! listener's cgroup. Putting ktproxy (and so its listener) in a cgroup nobody
+//! else uses lets those programs see only ktproxy's sockets, and its cgroup id
+//! tells connect4 which dials are ktproxy's own, also inside PID namespaces.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{io_text, Context, Error, Result};
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const OWN_PREFIX: &str = "ktproxy-";
+
+/// Where the cgroup v2 hierarchy is mounted (e.g. /sys/fs/cgroup, or
+/// /sys/fs/cgroup/unified on hybrid systems).
+pub fn root() -> Result<PathBuf> {
+    let text =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    mount_point(&text).ok_or_else(|| {
+        Error::new(
+            "no cgroup v2 hierarchy is mounted; ktproxy needs cgroup v2 \
+             (mount one with: mount -t cgroup2 none /sys/fs/cgroup/unified)",
+        )
+    })
+}
+
+/// First cgroup2 mount whose root is the hierarchy's root (bind mounts of a
+/// sub-tree, as containers have, show a different root).
+fn mount_point(mountinfo: &str) -> Option<PathBuf> {
+    let mut fallback = None;
+    for line in mountinfo.lines() {
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let fields: Vec<&str> = pre.split_whitespace().collect();
+        let (Some(root), Some(mnt)) = (fields.get(3), fields.get(4)) else {
+            continue;
+        };
+        let path = PathBuf::from(unescape_mount_path(mnt));
+        if *root == "/" {
+            return Some(path);
+        }
+        fallback.get_or_insert(path);
+    }
+    fallback
+}
+
+/// mountinfo escapes space, tab, newline and backslash as \ooo octal.
+fn unescape_mount_path(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let octal = std::str::from_utf8(&b[i + 1..i + 4]).ok();
+            if let Some(v) = octal.and_then(|t| u8::from_str_radix(t, 8).ok()) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Checks that `path` is a directory of the cgroup v2 hierarchy.
+pub fn check_dir(path: &Path) -> Result<PathBuf> {
+    let shown = path.display();
+    let meta =
+        fs::metadata(path).map_err(|e| Error::new(format!("cgroup {shown}: {}", io_text(&e))))?;
+    if !meta.is_dir() {
+        return Err(Error::new(format!("cgroup {shown}: not a directory")));
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::new(format!("cgroup {shown}: path contains a NUL byte")))?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string, st a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::new(format!("cgroup {shown}: {}", io_text(&e))));
+    }
+    if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(Error::new(format!(
+            "cgroup {shown}: not a cgroup v2 directory (cgroup v1 and ordinary directories cannot be used)"
+        )));
+    }
+    fs::canonicalize(path).with_context(|| format!("cgroup {shown}"))
+}
+
+/// The cgroup v2 id of a cgroup directory, as bpf_get_current_cgroup_id()
+/// returns it: on 64-bit kernels it is the kernfs inode number.
+pub fn id(path: &Path) -> Result<u64> {
+    Ok(fs::metadata(path)
+        .with_context(|| format!("cgroup {}", path.display()))?
+        .ino())
+}
+
+/// The cgroup v2 directory a process is in, from /proc/PID/cgroup ("0::/a/b").
+pub fn of_process(root: &Path, pid: &str) -> Result<PathBuf> {
+    let file = format!("/proc/{pid}/cgroup");
+    let text = fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .ok_or_else(|| Error::new(format!("{file} names no cgroup v2 membership")))?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// Moves process `pid` (0 = the caller) into the cgroup at `dir`.
+pub fn move_process(dir: &Path, pid: u32) -> Result<()> {
+    let procs = dir.join("cgroup.procs");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&procs)
+        .and_then(|mut f| f.write_all(pid.to_string().as_bytes()))
+        .with_context(|| format!("moving process {pid} into {}", dir.display()))
+}
+
+/// ktproxy's own cgroup, `<its current cgroup>/ktproxy-<pid>`, holding the
+/// ktproxy process for as long as this value lives. Dropping it moves ktproxy
+/// back and removes the directory.
+pub struct OwnCgroup {
+    path: PathBuf,
+    home: PathBuf,
+    id: u64,
+}
+
+impl OwnCgroup {
+    pub fn enter(root: &Path) -> Result<OwnCgroup> {
+        let home = of_process(root, "self")?;
+        remove_stale(&home);
+        let path = home.join(format!("{OWN_PREFIX}{}", std::process::id()));
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        // From here on, Drop undoes the creation if a later step fails.
+        let mut own = OwnCgroup { id: 0, path, home };
+        move_process(&own.path, 0)?;
+        own.id = id(&own.path)?;
+        Ok(own)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The directory ktproxy's own cgroup was created in.
+    pub fn parent(&self) -> &Path {
+        &self.home
+    }
+}
+
+/// The cgroup of `ktproxy -- COMMAND`: a sibling of ktproxy's own cgroup,
+/// `ktproxy-<pid>-cmd`, removed on drop once its processes are gone.
+pub struct CommandCgroup {
+    path: PathBuf,
+}
+
+impl CommandCgroup {
+    pub fn create(own: &OwnCgroup) -> Result<CommandCgroup> {
+        let path = own
+            .parent()
+            .join(format!("{OWN_PREFIX}{}-cmd", std::process::id()));
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(CommandCgroup { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// PIDs of the processes still in the cgroup.
+    pub fn processes(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Sends `sig` to every process in the cgroup.
+    pub fn signal_all(&self, sig: nix::sys::signal::Signal) {
+        for pid in self.processes() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+}
+
+impl Drop for CommandCgroup {
+    fn drop(&mut self) {
+        // An exited process leaves cgroup.procs a moment after wait()
+        // returns: retry briefly before giving up.
+        for _ in 0..50 {
+            if fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if let Err(e) = fs::remove_dir(&self.path) {
+            log::warn!("removing cgroup {}: {}", self.path.display(), io_text(&e));
+        }
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        // rmdir needs the cgroup empty: go home first. Sockets still pointing
+        // at the cgroup do not block removal.
+        if let Err(e) = move_process(&self.home, 0) {
+            log::warn!("{e}");
+        }
+        if let Err(e) = fs::remove_dir(&self.path) {
+            log::warn!("removing cgroup {}: {}", self.path.display(), io_text(&e));
+        }
+    }
+}
+
+/// A ktproxy killed with SIGKILL leaves its empty cgroup behind (the kernel
+/// has already detached its programs). Remove those of dead processes; rmdir
+/// refuses a cgroup that still has processes, so this cannot harm a live one.
+fn remove_stale(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(OWN_PREFIX)) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        if fs::remove_dir(e.path()).is_ok() {
+            log::debug!("removed stale cgroup {}", e.path().display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
+        assert_eq!(
+            mount_point(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+    }
+
+    #[test]
+    fn prefers_the_mount_of_the_hierarchy_root_over_bind_mounts() {
+        let text = "\
+50 1 0:38 /sub /mnt/sub rw - cgroup2 cgroup2 rw
+51 1 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
+";
+        assert_eq!(mount_point(text), Some(PathBuf::from("/sys/fs/cgroup")));
+    }
+
+    #[test]
+    fn no_cgroup2_mount_is_none() {
+        assert_eq!(
+            mount_point("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn mount_paths_with_escaped_spaces() {
+        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+    }
+
+    #[test]
+    fn ordinary_directories_are_not_cgroups() {
+        let e = check_dir(Path::new("/tmp")).unwrap_err().to_string();
+        assert!(e.contains("not a cgroup v2 directory"), "{e}");
+        let e = check_dir(Path::new("/nonexistent/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("No such file or directory"), "{e}");
+    }
+}

@@ -1,0 +1,489 @@
+//! Command-line parsing: turns argv into a `Config`, or a one-line usage error.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use getopts::Options;
+use log::LevelFilter;
+
+use crate::error::{Error, Result};
+use crate::rules::Rules;
+
+/// IPv4 and IPv6 loopback; without IPv6 on the host the second is dropped
+/// with a warning (only when defaulted: an explicit -l must work).
+pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:8999", "[::1]:8999"];
+const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug)]
+pub struct Config {
+    /// At most one address per family.
+    pub listen: Vec<SocketAddr>,
+    /// `listen` is the default, not the user's choice.
+    pub listen_defaulted: bool,
+    /// None: the whole cgroup v2 hierarchy.
+    pub cgroup: Option<PathBuf>,
+    /// None: every destination port.
+    pub ports: Option<PortSet>,
+    pub rules: Rules,
+    pub connect_timeout: Duration,
+    pub log_level: LevelFilter,
+    /// `-- COMMAND [ARGS...]`: run it in a fresh cgroup and intercept only that.
+    pub command: Vec<String>,
+    /// --user: run COMMAND as this user.
+    pub user: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    Run(Config),
+    Help(String),
+    Version,
+}
+
+fn options() -> Options {
+    let mut o = Options::new();
+    // Options end at COMMAND: `ktproxy -v curl -s URL` passes -s to curl.
+    o.parsing_style(getopts::ParsingStyle::StopAtFirstFree);
+    o.optmulti(
+        "l",
+        "listen",
+        "where the proxy listens, once per address family: IPv4 connects go to the IPv4 \
+         listener, IPv6 ones to the IPv6 listener; a family without one is not intercepted \
+         (default 127.0.0.1:8999 and [::1]:8999); port 0 picks a free port",
+        "ADDR:PORT",
+    );
+    o.optopt(
+        "c",
+        "cgroup",
+        "intercept connect() of processes in this cgroup v2 directory \
+         (default: the whole cgroup v2 hierarchy = every process on the machine)",
+        "PATH",
+    );
+    o.optopt(
+        "p",
+        "ports",
+        "intercept only these destination ports, e.g. 80,443,8000-8999 (default all)",
+        "LIST",
+    );
+    o.optmulti(
+        "d",
+        "dest",
+        "intercept only these destinations (repeatable; IPv4 or IPv6 CIDR or address; \
+         default all)",
+        "CIDR",
+    );
+    o.optmulti(
+        "x",
+        "exclude",
+        "never intercept these destinations (repeatable; wins over -d and -p)",
+        "CIDR",
+    );
+    o.optmulti(
+        "",
+        "dest-file",
+        "like -d, one CIDR per line, # comments (repeatable)",
+        "FILE",
+    );
+    o.optmulti(
+        "",
+        "exclude-file",
+        "like -x, one CIDR per line, # comments (repeatable)",
+        "FILE",
+    );
+    o.optopt(
+        "",
+        "connect-timeout",
+        "give up dialing a destination after this many seconds (default 10)",
+        "SECS",
+    );
+    o.optopt(
+        "",
+        "user",
+        "with COMMAND: run it as this user (ktproxy itself needs root)",
+        "NAME",
+    );
+    o.optflagmulti(
+        "v",
+        "verbose",
+        "more logging (-vv for per-syscall tracing; with COMMAND, where the default is \
+         warnings only, -v shows connections)",
+    );
+    o.optflag("q", "quiet", "log warnings and errors only");
+    o.optflag("h", "help", "print this help");
+    o.optflag("V", "version", "print the version");
+    o
+}
+
+pub fn help() -> String {
+    let brief = "Usage: ktproxy [OPTIONS]\n       ktproxy [OPTIONS] -- COMMAND [ARGS...]\n\n\
+        Transparent TCP proxy. eBPF programs in the kernel redirect the connect() calls of\n\
+        the processes in a cgroup to ktproxy, which dials the original destination and relays\n\
+        the bytes with splice(2). Applications need no proxy settings. Needs root (CAP_BPF and\n\
+        CAP_NET_ADMIN) and cgroup v2. Stopping ktproxy (even kill -9) detaches everything.\n\n\
+        With COMMAND, ktproxy runs it in a new cgroup of its own, intercepts only that (and\n\
+        everything COMMAND forks), listens on free ports, and exits with COMMAND's status.";
+    let mut text = options().usage(brief);
+    text.push_str(
+        "\nWhat is intercepted: TCP connects (IPv4, IPv6, and IPv4-mapped ::ffff:a.b.c.d on IPv6\n\
+         sockets, which are dialed as IPv4) by processes in the cgroup, in ktproxy's own network\n\
+         namespace, to destinations allowed by -p, -d and -x: a destination must match -p (if\n\
+         given) and -d (if given) and must not match -x. Never intercepted: ktproxy's own\n\
+         connections, connects to its listen address, other network namespaces, UDP.\n\
+         \n\
+         What the client sees: getpeername() on an intercepted socket returns the destination it\n\
+         dialed, not the proxy (TLS libraries and logs keep working). getsockname() shows the\n\
+         loopback address the redirect really uses.\n\
+         \n\
+         Examples:\n\
+         \x20 sudo ktproxy                                   intercept every process on the machine\n\
+         \x20 sudo ktproxy -c /sys/fs/cgroup/app -p 80,443   only processes in one cgroup, web ports\n\
+         \x20 sudo ktproxy -d 10.0.0.0/8 -x 10.0.0.53        a network, except one host\n\
+         \x20 sudo ktproxy -l [::1]:8999                     IPv6 only\n\
+         \x20 sudo ktproxy -l 127.0.0.1:0 -v                 any free port, debug logging\n\
+         \n\
+         Debugging: `bpftool cgroup tree` shows what ktproxy attached, `bpftool map dump name stats`\n\
+         its counters, `ss -tnp` the proxied connections.\n",
+    );
+    text
+}
+
+pub fn parse(args: &[String]) -> Result<Action> {
+    let m = options()
+        .parse(args)
+        .map_err(|e| Error::usage(format!("{e} (see ktproxy --help)")))?;
+    if m.opt_present("h") {
+        return Ok(Action::Help(help()));
+    }
+    if m.opt_present("V") {
+        return Ok(Action::Version);
+    }
+    let command = m.free.clone();
+    if !command.is_empty() && m.opt_present("c") {
+        return Err(Error::usage(
+            "-c/--cgroup and COMMAND exclude each other: with COMMAND, ktproxy intercepts a cgroup \
+             of its own",
+        ));
+    }
+    let user = m.opt_str("user");
+    if user.is_some() && command.is_empty() {
+        return Err(Error::usage("--user goes with -- COMMAND"));
+    }
+
+    let mut listen_args = m.opt_strs("l");
+    let listen_defaulted = listen_args.is_empty();
+    if listen_defaulted {
+        // With COMMAND, free ports: several invocations must not collide.
+        let port = if command.is_empty() { "8999" } else { "0" };
+        listen_args.extend(DEFAULT_LISTEN.iter().map(|s| s.replace("8999", port)));
+    }
+    let listen = parse_listen(&listen_args)?;
+
+    let cgroup = m.opt_str("c").map(PathBuf::from);
+    if cgroup.as_deref().is_some_and(|p| p.as_os_str().is_empty()) {
+        return Err(Error::usage("-c/--cgroup: empty path"));
+    }
+
+    let ports = m.opt_str("p").map(|s| PortSet::parse(&s)).transpose()?;
+
+    let mut rules = Rules::default();
+    Rules::add_args(&mut rules.dest, "-d/--dest", &m.opt_strs("d"))?;
+    Rules::add_args(&mut rules.exclude, "-x/--exclude", &m.opt_strs("x"))?;
+    for f in m.opt_strs("dest-file") {
+        Rules::add_file(&mut rules.dest, "--dest-file", f.as_ref())?;
+    }
+    for f in m.opt_strs("exclude-file") {
+        Rules::add_file(&mut rules.exclude, "--exclude-file", f.as_ref())?;
+    }
+    rules.dest_given = m.opt_present("d") || m.opt_present("dest-file");
+
+    let connect_timeout = match m.opt_str("connect-timeout") {
+        None => Duration::from_secs(DEFAULT_CONNECT_TIMEOUT_SECS),
+        Some(s) => match s.parse::<f64>() {
+            Ok(secs) if secs > 0.0 && secs <= 3600.0 => Duration::from_secs_f64(secs),
+            _ => {
+                return Err(Error::usage(format!(
+                    "--connect-timeout: invalid value '{s}': expected seconds between 0 and 3600"
+                )))
+            }
+        },
+    };
+
+    let verbose = m.opt_count("v");
+    if verbose > 0 && m.opt_present("q") {
+        return Err(Error::usage("-q and -v contradict each other"));
+    }
+    // COMMAND's own output comes first: one -v less by default.
+    let levels = [LevelFilter::Info, LevelFilter::Debug, LevelFilter::Trace];
+    let verbose = if command.is_empty() { verbose + 1 } else { verbose };
+    let log_level = match (m.opt_present("q"), verbose) {
+        (true, _) | (false, 0) => LevelFilter::Warn,
+        (false, v) => levels[(v - 1).min(levels.len() - 1)],
+    };
+
+    Ok(Action::Run(Config {
+        listen,
+        listen_defaulted,
+        cgroup,
+        ports,
+        rules,
+        connect_timeout,
+        log_level,
+        command,
+        user,
+    }))
+}
+
+fn parse_listen(args: &[String]) -> Result<Vec<SocketAddr>> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in args {
+        let addr: SocketAddr = a.parse().map_err(|_| {
+            Error::usage(format!(
+                "-l/--listen: invalid address '{a}': expected IP:PORT, e.g. 127.0.0.1:8999 or [::1]:8999"
+            ))
+        })?;
+        if addr.ip().is_unspecified() {
+            return Err(Error::usage(format!(
+                "-l/--listen: '{a}' would expose the proxy on every interface; \
+                 give the local address connections are redirected to, e.g. 127.0.0.1:{}",
+                addr.port()
+            )));
+        }
+        if let IpAddr::V6(ip) = addr.ip() {
+            if ip.to_ipv4_mapped().is_some() {
+                return Err(Error::usage(format!(
+                    "-l/--listen: '{a}' is an IPv4-mapped address; write it as IPv4"
+                )));
+            }
+        }
+        if out.iter().any(|o| o.is_ipv4() == addr.is_ipv4()) {
+            return Err(Error::usage(format!(
+                "-l/--listen: '{a}': at most one listen address per address family"
+            )));
+        }
+        out.push(addr);
+    }
+    Ok(out)
+}
+
+/// A set of TCP ports, as the kernel side wants it: one bit per port.
+#[derive(Clone)]
+pub struct PortSet {
+    bits: Box<[u64; 1024]>,
+    spec: String,
+}
+
+impl std::fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PortSet({})", self.spec)
+    }
+}
+
+impl PortSet {
+    pub fn parse(spec: &str) -> Result<PortSet> {
+        let bad = |why: String| Error::usage(format!("-p/--ports: invalid list '{spec}': {why}"));
+        let mut bits = Box::new([0u64; 1024]);
+        if spec.trim().is_empty() {
+            return Err(bad("empty".into()));
+        }
+        for item in spec.split(',') {
+            let item = item.trim();
+            let (lo, hi) = match item.split_once('-') {
+                Some((a, b)) => (port(a.trim()), port(b.trim())),
+                None => (port(item), port(item)),
+            };
+            let (lo, hi) = match (lo, hi) {
+                (Some(lo), Some(hi)) => (lo, hi),
+                _ => return Err(bad(format!("'{item}' is not a port (1-65535) or range"))),
+            };
+            if lo > hi {
+                return Err(bad(format!("range '{item}' runs backwards")));
+            }
+            for p in lo..=hi {
+                bits[usize::from(p >> 6)] |= 1u64 << (p & 63);
+            }
+        }
+        Ok(PortSet {
+            bits,
+            spec: spec.to_string(),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn contains(&self, port: u16) -> bool {
+        self.bits[usize::from(port >> 6)] >> (port & 63) & 1 == 1
+    }
+
+    pub fn bits(&self) -> &[u64; 1024] {
+        &self.bits
+    }
+}
+
+impl std::fmt::Display for PortSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.spec)
+    }
+}
+
+fn port(s: &str) -> Option<u16> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => None,
+        Ok(p) => Some(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn run(a: &[&str]) -> Config {
+        match parse(&args(a)).expect("parses") {
+            Action::Run(c) => c,
+            other => panic!("expected Run, got {other:?}"),
+        }
+    }
+
+    fn usage_error(a: &[&str]) -> String {
+        let e = parse(&args(a)).expect_err("must be rejected");
+        assert_eq!(e.exit_code(), 2, "{e}");
+        e.to_string()
+    }
+
+    #[test]
+    fn defaults_listen_on_both_loopbacks_8999_for_every_port_and_cgroup() {
+        let c = run(&[]);
+        assert_eq!(
+            c.listen,
+            vec!["127.0.0.1:8999".parse().unwrap(), "[::1]:8999".parse().unwrap()]
+        );
+        assert!(c.listen_defaulted);
+        assert!(c.cgroup.is_none());
+        assert!(c.ports.is_none());
+        assert!(c.rules.is_empty());
+        assert_eq!(c.log_level, LevelFilter::Info);
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn long_and_short_options_are_equivalent() {
+        let a = run(&["-l", "127.0.0.2:1000", "-c", "/x", "-p", "80", "-v"]);
+        let b = run(&[
+            "--listen",
+            "127.0.0.2:1000",
+            "--cgroup",
+            "/x",
+            "--ports",
+            "80",
+            "--verbose",
+        ]);
+        assert_eq!(a.listen, b.listen);
+        assert_eq!(a.cgroup, b.cgroup);
+        assert_eq!(a.log_level, LevelFilter::Debug);
+        assert_eq!(b.log_level, LevelFilter::Debug);
+    }
+
+    #[test]
+    fn verbosity_levels() {
+        assert_eq!(run(&["-vv"]).log_level, LevelFilter::Trace);
+        assert_eq!(run(&["-q"]).log_level, LevelFilter::Warn);
+        assert!(usage_error(&["-q", "-v"]).contains("contradict"));
+    }
+
+    #[test]
+    fn one_listen_address_per_family() {
+        let c = run(&["-l", "127.0.0.1:1", "-l", "[::1]:2"]);
+        assert_eq!(c.listen.len(), 2);
+        assert!(!c.listen_defaulted);
+        assert_eq!(run(&["-l", "[::1]:9"]).listen, vec!["[::1]:9".parse().unwrap()]);
+        assert!(
+            usage_error(&["-l", "127.0.0.1:1", "-l", "127.0.0.2:2"]).contains("per address family")
+        );
+    }
+
+    #[test]
+    fn bad_listen_addresses_are_named() {
+        assert!(usage_error(&["-l", "localhost"]).contains("'localhost'"));
+        assert!(usage_error(&["-l", "127.0.0.1"]).contains("expected IP:PORT"));
+        assert!(usage_error(&["-l", "127.0.0.1:70000"]).contains("invalid address"));
+        assert!(usage_error(&["-l", "0.0.0.0:8999"]).contains("every interface"));
+        assert!(usage_error(&["-l", "[::ffff:127.0.0.1]:1"]).contains("IPv4-mapped"));
+    }
+
+    #[test]
+    fn port_lists_with_ranges() {
+        let p = PortSet::parse("80,443, 8000-8999").unwrap();
+        for yes in [80, 443, 8000, 8500, 8999] {
+            assert!(p.contains(yes), "{yes}");
+        }
+        for no in [1, 79, 81, 7999, 9000, 65535] {
+            assert!(!p.contains(no), "{no}");
+        }
+        let all = PortSet::parse("1-65535").unwrap();
+        assert!(all.contains(1) && all.contains(65535) && !all.contains(0));
+    }
+
+    #[test]
+    fn bad_port_lists_are_named() {
+        assert!(usage_error(&["-p", "http"]).contains("'http' is not a port"));
+        assert!(usage_error(&["-p", "0"]).contains("'0' is not a port"));
+        assert!(usage_error(&["-p", "65536"]).contains("'65536'"));
+        assert!(usage_error(&["-p", "90-80"]).contains("backwards"));
+        assert!(usage_error(&["-p", "80,,443"]).contains("'' is not a port"));
+        assert!(usage_error(&["-p", ""]).contains("empty"));
+    }
+
+    #[test]
+    fn destination_rules_from_options() {
+        let c = run(&["-d", "10.0.0.0/8", "--dest", "2001:db8::/32", "-x", "10.1.0.0/16"]);
+        assert_eq!(c.rules.dest.len(), 2);
+        assert_eq!(c.rules.exclude.len(), 1);
+        assert!(c.rules.dest_given);
+        assert!(usage_error(&["-d", "10.0.0.0/40"]).starts_with("-d/--dest: '10.0.0.0/40'"));
+        assert!(usage_error(&["-x", "bogus"]).starts_with("-x/--exclude: 'bogus'"));
+        assert!(usage_error(&["--dest-file", "/nonexistent"]).contains("cannot read /nonexistent"));
+    }
+
+    #[test]
+    fn command_mode_takes_everything_after_the_first_free_argument() {
+        let c = run(&["-v", "--", "curl", "-s", "http://x/"]);
+        assert_eq!(c.command, ["curl", "-s", "http://x/"]);
+        assert_eq!(c.log_level, LevelFilter::Info);
+        let c = run(&["curl", "-v"]);
+        assert_eq!(c.command, ["curl", "-v"]);
+        assert_eq!(c.log_level, LevelFilter::Warn, "quiet by default with COMMAND");
+        assert_eq!(
+            c.listen,
+            vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],
+            "free ports by default with COMMAND"
+        );
+        let c = run(&["--user", "nobody", "--", "id"]);
+        assert_eq!(c.user.as_deref(), Some("nobody"));
+    }
+
+    #[test]
+    fn command_mode_conflicts_are_usage_errors() {
+        assert!(usage_error(&["-c", "/x", "--", "true"]).contains("exclude each other"));
+        assert!(usage_error(&["--user", "nobody"]).contains("goes with -- COMMAND"));
+    }
+
+    #[test]
+    fn unknown_options_are_usage_errors() {
+        assert!(usage_error(&["-c"]).contains("c"));
+        assert!(usage_error(&["--connect-timeout", "0"]).contains("--connect-timeout"));
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert!(
+            matches!(parse(&args(&["-h"])).unwrap(), Action::Help(t) if t.contains("--listen"))
+        );
+        assert!(matches!(
+            parse(&args(&["--version"])).unwrap(),
+            Action::Version
+        ));
+    }
+}

@@ -1,0 +1,79 @@
+//! A pool of pipes for splice(2). A connection borrows a pipe only while bytes
+//! are in flight and returns it once it is empty, so idle connections hold no
+//! pipes (two file descriptors and a pipe buffer each).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+use crate::sys;
+
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    pub fn read_fd(&self) -> RawFd {
+        self.read.as_raw_fd()
+    }
+
+    pub fn write_fd(&self) -> RawFd {
+        self.write.as_raw_fd()
+    }
+}
+
+pub struct PipePool {
+    free: Mutex<Vec<Pipe>>,
+    /// Pipes kept for reuse beyond this are closed instead.
+    keep: usize,
+}
+
+impl PipePool {
+    pub fn new(keep: usize) -> PipePool {
+        PipePool {
+            free: Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    pub fn take(&self) -> io::Result<Pipe> {
+        if let Some(p) = self.free.lock().ok().and_then(|mut f| f.pop()) {
+            return Ok(p);
+        }
+        let (read, write) = sys::pipe()?;
+        Ok(Pipe { read, write })
+    }
+
+    /// Only for empty pipes: leftover bytes would leak into another
+    /// connection. Callers drop a pipe that may hold data instead.
+    pub fn give_back(&self, pipe: Pipe) {
+        if let Ok(mut f) = self.free.lock() {
+            if f.len() < self.keep {
+                f.push(pipe);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn pooled(&self) -> usize {
+        self.free.lock().map(|f| f.len()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipes_are_reused_up_to_the_limit() {
+        let pool = PipePool::new(1);
+        let a = pool.take().unwrap();
+        let b = pool.take().unwrap();
+        let a_fd = a.read_fd();
+        pool.give_back(a);
+        pool.give_back(b);
+        assert_eq!(pool.pooled(), 1);
+        assert_eq!(pool.take().unwrap().read_fd(), a_fd);
+    }
+}

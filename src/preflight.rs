@@ -1,0 +1,113 @@
+//! Checks and settings done before ktproxy touches the kernel's BPF or cgroup
+//! state, so that a missing privilege is reported in words, not as EPERM from
+//! somewhere deep inside libbpf.
+
+use std::fs;
+
+use crate::error::{Context, Error, Result};
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_BPF: u32 = 39;
+
+/// The oldest kernel with everything ktproxy uses: bpf_link for cgroups
+/// (5.7), socket storage reachable from sockops through skops->sk (5.10),
+/// SO_NETNS_COOKIE to tell our network namespace from others (5.14).
+pub const MIN_KERNEL: (u32, u32) = (5, 14);
+
+pub fn check_privileges() -> Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let caps = effective_caps(&status)
+        .ok_or_else(|| Error::new("cannot read CapEff from /proc/self/status"))?;
+    let has = |c: u32| caps >> c & 1 == 1;
+    let mut missing = Vec::new();
+    if !has(CAP_BPF) && !has(CAP_SYS_ADMIN) {
+        missing.push("CAP_BPF");
+    }
+    if !has(CAP_NET_ADMIN) {
+        missing.push("CAP_NET_ADMIN");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::new(format!(
+        "ktproxy needs root: loading and attaching its cgroup eBPF programs requires {} \
+         (run it with sudo)",
+        missing.join(" and ")
+    )))
+}
+
+fn effective_caps(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// (major, minor) of the running kernel, and its full release string.
+pub fn kernel_version() -> (Option<(u32, u32)>, String) {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".to_string());
+    (parse_release(&release), release)
+}
+
+fn parse_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// A thread per connection holds two sockets; let ktproxy use every file
+/// descriptor it may. Returns the new soft limit.
+pub fn raise_fd_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: rl is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return 1024;
+    }
+    if rl.rlim_cur < rl.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: rl.rlim_max,
+            rlim_max: rl.rlim_max,
+        };
+        // SAFETY: want is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
+            rl.rlim_cur = rl.rlim_max;
+        }
+    }
+    rl.rlim_cur
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default);
+/// later ones use memory cgroups and ignore it. Raising it is harmless.
+pub fn raise_memlock_limit() {
+    let inf = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: inf is a valid rlimit. Failure only matters on old kernels,
+    // where the BPF load error that follows says so.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_effective_capabilities() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_caps(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_caps("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(parse_release("6.18.44-fc-v595"), Some((6, 18)));
+        assert_eq!(parse_release("5.14.0-362.el9.x86_64"), Some((5, 14)));
+        assert_eq!(parse_release("garbage"), None);
+    }
+}

@@ -1,0 +1,109 @@
+//! The accept loop: a pool of parked threads that accept for themselves.
+//!
+//! Each thread blocks in accept(2); the kernel wakes exactly one per incoming
+//! connection. The thread that got it serves it start to end (one thread per
+//! connection, a straight-line loop under strace) and then goes back to
+//! accept. A new thread is spawned only when too few are left waiting, so a
+//! steady stream of connections costs no thread creation at all.
+
+use std::io;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+
+use crate::conn::{self, Shared};
+use crate::error::{io_text, Context, Result};
+
+/// Keep at least this many threads waiting in accept per listener.
+const MIN_IDLE: usize = 2;
+/// A thread that finishes a connection while this many already wait retires.
+const MAX_IDLE: usize = 256;
+/// Connection threads need little stack: the relay uses a few hundred bytes,
+/// logging a few KiB. Only touched pages cost memory.
+const STACK_SIZE: usize = 128 * 1024;
+
+struct Acceptors {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    idle: AtomicUsize,
+}
+
+pub fn start(listener: TcpListener, shared: Arc<Shared>) -> Result<()> {
+    let pool = Arc::new(Acceptors {
+        listener,
+        shared,
+        idle: AtomicUsize::new(0),
+    });
+    for _ in 0..MIN_IDLE {
+        spawn(&pool).context("starting connection threads")?;
+    }
+    Ok(())
+}
+
+fn spawn(pool: &Arc<Acceptors>) -> io::Result<()> {
+    let pool = Arc::clone(pool);
+    // Counted as idle before it starts, so a burst does not spawn a crowd.
+    pool.idle.fetch_add(1, Ordering::SeqCst);
+    let r = std::thread::Builder::new()
+        .name("ktproxy-conn".into())
+        .stack_size(STACK_SIZE)
+        .spawn({
+            let pool = Arc::clone(&pool);
+            move || accept_loop(&pool)
+        });
+    if r.is_err() {
+        pool.idle.fetch_sub(1, Ordering::SeqCst);
+    }
+    r.map(drop)
+}
+
+fn accept_loop(pool: &Arc<Acceptors>) {
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        // `idle` already counts this thread.
+        let accepted = pool.listener.accept();
+        let idle_left = pool.idle.fetch_sub(1, Ordering::SeqCst) - 1;
+        match accepted {
+            Ok((stream, _)) => {
+                if idle_left < MIN_IDLE {
+                    if let Err(e) = spawn(pool) {
+                        warn!("cannot start another connection thread: {}", io_text(&e));
+                    }
+                }
+                conn::serve(&pool.shared, stream);
+                if pool.idle.load(Ordering::SeqCst) >= MAX_IDLE {
+                    return;
+                }
+            }
+            Err(e) => {
+                if let Some(pause) = accept_error_pause(&e) {
+                    // Out of descriptors or memory: the connection stays in
+                    // the backlog, so retrying at once would spin.
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                        warn!("accept failed: {}; retrying", io_text(&e));
+                        last_warning = Some(Instant::now());
+                    }
+                    std::thread::sleep(pause);
+                } else {
+                    debug!("accept: {}", io_text(&e));
+                }
+            }
+        }
+        pool.idle.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// None for errors that concern one connection only (it was aborted before
+/// we took it): just accept the next one.
+fn accept_error_pause(e: &io::Error) -> Option<Duration> {
+    match e.raw_os_error() {
+        Some(libc::ECONNABORTED | libc::EPROTO | libc::EPERM | libc::EINTR) => None,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+            Some(Duration::from_millis(100))
+        }
+        _ => Some(Duration::from_millis(10)),
+    }
+}
