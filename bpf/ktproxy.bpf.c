@@ -109,9 +109,11 @@ struct {
 	__type(value, struct orig_dst);
 } accepted_dst SEC(".maps");
 
+/* In flight entries are bounded by the listeners' accept backlogs (4096
+ * each); LRU maps are preallocated, so do not make this much larger. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 16384);
 	__type(key, struct flow_key);
 	__type(value, struct orig_dst);
 } flows SEC(".maps");
@@ -326,6 +328,12 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 
 	if (!listen_port6)
 		return 1;
+	/* Link-local destinations need the scope id (interface), which
+	 * bpf_sock_addr does not carry: the proxy could not dial them. */
+	if ((dst.ip[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000)) {
+		count(STAT_SKIP_RULE);
+		return 1;
+	}
 	if (port == listen_port6 && dst.ip[0] == listen_ip6[0] && dst.ip[1] == listen_ip6[1] &&
 	    dst.ip[2] == listen_ip6[2] && dst.ip[3] == listen_ip6[3]) {
 		count(STAT_SKIP_SELF);

@@ -9,6 +9,7 @@ use log::LevelFilter;
 
 use crate::error::{Error, Result};
 use crate::rules::Rules;
+use crate::upstream::Upstream;
 
 /// IPv4 and IPv6 loopback; without IPv6 on the host the second is dropped
 /// with a warning (only when defaulted: an explicit -l must work).
@@ -32,11 +33,13 @@ pub struct Config {
     pub command: Vec<String>,
     /// --user: run COMMAND as this user.
     pub user: Option<String>,
+    /// -u: dial destinations through this SOCKS5 or HTTP CONNECT proxy.
+    pub upstream: Option<Upstream>,
 }
 
 #[derive(Debug)]
 pub enum Action {
-    Run(Config),
+    Run(Box<Config>),
     Help(String),
     Version,
 }
@@ -92,9 +95,17 @@ fn options() -> Options {
         "FILE",
     );
     o.optopt(
+        "u",
+        "upstream",
+        "open every intercepted connection through this proxy: socks5://[user:pass@]host:port \
+         or http://[user:pass@]host:port (HTTP CONNECT)",
+        "URL",
+    );
+    o.optopt(
         "",
         "connect-timeout",
-        "give up dialing a destination after this many seconds (default 10)",
+        "give up dialing a destination (or the upstream proxy, and its handshake) after this \
+         many seconds (default 10)",
         "SECS",
     );
     o.optopt(
@@ -141,6 +152,7 @@ pub fn help() -> String {
          \x20 sudo ktproxy -d 10.0.0.0/8 -x 10.0.0.53        a network, except one host\n\
          \x20 sudo ktproxy -l [::1]:8999                     IPv6 only\n\
          \x20 sudo ktproxy -l 127.0.0.1:0 -v                 any free port, debug logging\n\
+         \x20 sudo ktproxy -u socks5://127.0.0.1:1080 -- go run .   one command through a SOCKS5 proxy\n\
          \n\
          Debugging: `bpftool cgroup tree` shows what ktproxy attached, `bpftool map dump name stats`\n\
          its counters, `ss -tnp` the proxied connections.\n",
@@ -209,19 +221,25 @@ pub fn parse(args: &[String]) -> Result<Action> {
         },
     };
 
+    let upstream = m.opt_str("u").map(|u| Upstream::parse(&u)).transpose()?;
+
     let verbose = m.opt_count("v");
     if verbose > 0 && m.opt_present("q") {
         return Err(Error::usage("-q and -v contradict each other"));
     }
     // COMMAND's own output comes first: one -v less by default.
     let levels = [LevelFilter::Info, LevelFilter::Debug, LevelFilter::Trace];
-    let verbose = if command.is_empty() { verbose + 1 } else { verbose };
+    let verbose = if command.is_empty() {
+        verbose + 1
+    } else {
+        verbose
+    };
     let log_level = match (m.opt_present("q"), verbose) {
         (true, _) | (false, 0) => LevelFilter::Warn,
         (false, v) => levels[(v - 1).min(levels.len() - 1)],
     };
 
-    Ok(Action::Run(Config {
+    Ok(Action::Run(Box::new(Config {
         listen,
         listen_defaulted,
         cgroup,
@@ -231,7 +249,8 @@ pub fn parse(args: &[String]) -> Result<Action> {
         log_level,
         command,
         user,
-    }))
+        upstream,
+    })))
 }
 
 fn parse_listen(args: &[String]) -> Result<Vec<SocketAddr>> {
@@ -342,7 +361,7 @@ mod tests {
 
     fn run(a: &[&str]) -> Config {
         match parse(&args(a)).expect("parses") {
-            Action::Run(c) => c,
+            Action::Run(c) => *c,
             other => panic!("expected Run, got {other:?}"),
         }
     }
@@ -358,7 +377,10 @@ mod tests {
         let c = run(&[]);
         assert_eq!(
             c.listen,
-            vec!["127.0.0.1:8999".parse().unwrap(), "[::1]:8999".parse().unwrap()]
+            vec![
+                "127.0.0.1:8999".parse().unwrap(),
+                "[::1]:8999".parse().unwrap()
+            ]
         );
         assert!(c.listen_defaulted);
         assert!(c.cgroup.is_none());
@@ -398,7 +420,10 @@ mod tests {
         let c = run(&["-l", "127.0.0.1:1", "-l", "[::1]:2"]);
         assert_eq!(c.listen.len(), 2);
         assert!(!c.listen_defaulted);
-        assert_eq!(run(&["-l", "[::1]:9"]).listen, vec!["[::1]:9".parse().unwrap()]);
+        assert_eq!(
+            run(&["-l", "[::1]:9"]).listen,
+            vec!["[::1]:9".parse().unwrap()]
+        );
         assert!(
             usage_error(&["-l", "127.0.0.1:1", "-l", "127.0.0.2:2"]).contains("per address family")
         );
@@ -438,7 +463,14 @@ mod tests {
 
     #[test]
     fn destination_rules_from_options() {
-        let c = run(&["-d", "10.0.0.0/8", "--dest", "2001:db8::/32", "-x", "10.1.0.0/16"]);
+        let c = run(&[
+            "-d",
+            "10.0.0.0/8",
+            "--dest",
+            "2001:db8::/32",
+            "-x",
+            "10.1.0.0/16",
+        ]);
         assert_eq!(c.rules.dest.len(), 2);
         assert_eq!(c.rules.exclude.len(), 1);
         assert!(c.rules.dest_given);
@@ -454,7 +486,11 @@ mod tests {
         assert_eq!(c.log_level, LevelFilter::Info);
         let c = run(&["curl", "-v"]);
         assert_eq!(c.command, ["curl", "-v"]);
-        assert_eq!(c.log_level, LevelFilter::Warn, "quiet by default with COMMAND");
+        assert_eq!(
+            c.log_level,
+            LevelFilter::Warn,
+            "quiet by default with COMMAND"
+        );
         assert_eq!(
             c.listen,
             vec!["127.0.0.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],

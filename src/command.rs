@@ -65,7 +65,9 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
     cmd.args(args);
     let mut creds = None;
     if let Some(u) = user {
-        cmd.env("HOME", &u.home).env("USER", &u.name).env("LOGNAME", &u.name);
+        cmd.env("HOME", &u.home)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name);
         creds = Some((u.uid, u.gid, u.groups.clone()));
     }
     // SAFETY: the closure runs between fork and exec and makes only
@@ -96,11 +98,19 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
     }
     let child = cmd.spawn().map_err(|e| {
         // The shell's conventions: 127 not found, 126 found but not runnable.
-        let code = if e.kind() == io::ErrorKind::NotFound { 127 } else { 126 };
+        let code = if e.kind() == io::ErrorKind::NotFound {
+            127
+        } else {
+            126
+        };
         Error::with_code(format!("cannot run '{prog}': {}", io_text(&e)), code)
     })?;
     drop(procs);
-    debug!("started {prog} as pid {} in {}", child.id(), cgroup.path().display());
+    debug!(
+        "started {prog} as pid {} in {}",
+        child.id(),
+        cgroup.path().display()
+    );
     Ok(child)
 }
 
@@ -125,7 +135,10 @@ pub fn supervise(mut child: Child, cgroup: &CommandCgroup, signals: &SigSet) -> 
                     let _ = nix::sys::signal::kill(Pid::from_raw(child_pid), sig);
                 }
             } else if stopping_since.is_none() {
-                info!("{sig}: stopping the processes left in {}", cgroup.path().display());
+                info!(
+                    "{sig}: stopping the processes left in {}",
+                    cgroup.path().display()
+                );
                 cgroup.signal_all(Signal::SIGTERM);
                 stopping_since = Some(Instant::now());
             }

@@ -1,17 +1,19 @@
 //! One proxied connection, start to end: recover where the client was going,
-//! dial it, relay, and log the seed's per-connection lines.
+//! dial it (directly or through the upstream proxy), relay, and log the
+//! seed's per-connection lines.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use log::{debug, info, warn};
+use log::{info, warn};
 
 use crate::error::io_text;
 use crate::pipes::PipePool;
 use crate::relay::relay;
 use crate::sys;
+use crate::upstream::Upstream;
 
 /// What every connection thread shares.
 pub struct Shared {
@@ -20,15 +22,21 @@ pub struct Shared {
     /// The bound listen addresses: a destination equal to one of them would
     /// make ktproxy dial itself.
     pub listen: Vec<SocketAddr>,
+    pub upstream: Option<Upstream>,
     next_id: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(listen: Vec<SocketAddr>, connect_timeout: Duration) -> Shared {
+    pub fn new(
+        listen: Vec<SocketAddr>,
+        connect_timeout: Duration,
+        upstream: Option<Upstream>,
+    ) -> Shared {
         Shared {
             pipes: PipePool::new(1024),
             connect_timeout,
             listen,
+            upstream,
             next_id: AtomicU64::new(1),
         }
     }
@@ -40,20 +48,11 @@ impl Shared {
     }
 }
 
-pub fn serve(shared: &Shared, client: TcpStream) {
+/// `client` comes from accept4: non-blocking, with TCP_NODELAY inherited from
+/// the listener. `local` is the listener's address.
+pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    let (local, peer) = match (client.local_addr(), client.peer_addr()) {
-        (Ok(l), Ok(p)) => (l, p),
-        // The client reset before we looked: nothing to serve.
-        (Err(e), _) | (_, Err(e)) => {
-            debug!(
-                "#{id} connection gone before it was served: {}",
-                io_text(&e)
-            );
-            return;
-        }
-    };
     info!("#{id} === New Connection ===");
     info!("#{id} Proxy Server: {local}");
     info!("#{id} Client: {peer}");
@@ -74,28 +73,24 @@ pub fn serve(shared: &Shared, client: TcpStream) {
         return;
     }
 
-    info!("#{id} Connecting to target {dst}");
-    let target = match sys::dial(&dst, shared.connect_timeout) {
+    let target = match &shared.upstream {
+        None => {
+            info!("#{id} Connecting to target {dst}");
+            sys::dial(&dst, shared.connect_timeout).map_err(|e| io_text(&e))
+        }
+        Some(up) => {
+            info!("#{id} Connecting to target {dst} via {}", up.display());
+            through_upstream(up, dst, shared.connect_timeout)
+        }
+    };
+    let target = match target {
         Ok(t) => t,
-        Err(e) => {
-            warn!(
-                "#{id} connecting to {dst} for {peer} failed: {}; resetting the client",
-                io_text(&e)
-            );
+        Err(why) => {
+            warn!("#{id} connecting to {dst} for {peer} failed: {why}; resetting the client");
             reset(&client);
             return;
         }
     };
-    if let Err(e) = client
-        .set_nonblocking(true)
-        .and_then(|_| sys::set_nodelay(client.as_raw_fd()))
-    {
-        warn!(
-            "#{id} preparing the client socket of {peer}: {}",
-            io_text(&e)
-        );
-        return;
-    }
     info!("#{id} Proxy connection established, from {peer} to {dst}");
 
     let (totals, err) = relay(&client, &target, &shared.pipes);
@@ -118,6 +113,25 @@ pub fn serve(shared: &Shared, client: TcpStream) {
             );
         }
     }
+}
+
+/// Dials the upstream proxy and has it connect to `dst`. The handshake is
+/// plain blocking I/O with timeouts; the tunnel then goes back to
+/// non-blocking for the relay.
+fn through_upstream(
+    up: &Upstream,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    let mut s = sys::dial(&up.addr(), timeout)
+        .map_err(|e| format!("upstream {} unreachable: {}", up.display(), io_text(&e)))?;
+    s.set_nonblocking(false)
+        .and_then(|_| s.set_read_timeout(Some(timeout)))
+        .and_then(|_| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| io_text(&e))?;
+    up.handshake(&mut s, dst)?;
+    s.set_nonblocking(true).map_err(|e| io_text(&e))?;
+    Ok(s)
 }
 
 fn reset(s: &TcpStream) {

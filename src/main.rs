@@ -20,6 +20,7 @@ mod relay;
 mod rules;
 mod server;
 mod sys;
+mod upstream;
 
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
@@ -42,7 +43,7 @@ fn main() {
             println!("ktproxy {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Ok(Action::Run(cfg)) => match run(cfg) {
+        Ok(Action::Run(cfg)) => match run(*cfg) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("ktproxy: error: {e}");
@@ -73,12 +74,22 @@ fn run(cfg: Config) -> Result<i32> {
     let user = cfg.user.as_deref().map(command::resolve_user).transpose()?;
     let fd_limit = preflight::raise_fd_limit();
     preflight::raise_memlock_limit();
+    let (capacity, limited_by) = preflight::connection_capacity(fd_limit);
+    // Below a few thousand, busy machines hit it; the ready line always says.
+    if capacity < 4096 {
+        warn!("{limited_by} caps ktproxy at about {capacity} concurrent connections");
+    }
 
     // Blocked before any thread starts, so that every thread inherits the
     // mask and only the main thread's sigwait() sees these signals. SIGQUIT
     // (Ctrl-\) is only taken over when COMMAND is there to receive it.
     let mut signals = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGCHLD] {
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+    ] {
         signals.add(s);
     }
     if !cfg.command.is_empty() {
@@ -121,20 +132,42 @@ fn run(cfg: Config) -> Result<i32> {
         ports: cfg.ports.as_ref(),
         rules: &cfg.rules,
     };
-    for (missing, family) in [(kcfg.listen4.is_none(), "IPv4"), (kcfg.listen6.is_none(), "IPv6")] {
+    for (missing, family) in [
+        (kcfg.listen4.is_none(), "IPv4"),
+        (kcfg.listen6.is_none(), "IPv6"),
+    ] {
         if missing {
             info!("{family} connections are not intercepted: no {family} listen address");
         }
     }
     let redirect = bpf::Redirect::start(&kcfg, &intercepted, own.path())?;
 
-    let shared = Arc::new(conn::Shared::new(bound.clone(), cfg.connect_timeout));
+    if let Some(up) = &cfg.upstream {
+        if command_cgroup.is_none() && is_local(&up.addr()) {
+            warn!(
+                "the upstream proxy {} is on this machine: unless it runs outside {}, its own \
+                 connections are intercepted too and loop back into ktproxy (use -c or -- COMMAND)",
+                up.display(),
+                intercepted.display()
+            );
+        }
+    }
+    let shared = Arc::new(conn::Shared::new(
+        bound.clone(),
+        cfg.connect_timeout,
+        cfg.upstream.clone(),
+    ));
     for l in listeners {
         server::start(l, Arc::clone(&shared))?;
     }
     info!(
-        "ktproxy ready: listening on {}, intercepting {}, {} (own cgroup {}, fd limit {fd_limit})",
-        bound.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" and "),
+        "ktproxy ready: listening on {}, intercepting {}, {} (own cgroup {}; room for about \
+         {capacity} connections, limited by {limited_by})",
+        bound
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(" and "),
         if intercepted == root {
             format!("every process (cgroup v2 root {})", root.display())
         } else {
@@ -172,6 +205,11 @@ fn run(cfg: Config) -> Result<i32> {
     Ok(code)
 }
 
+fn is_local(addr: &SocketAddr) -> bool {
+    // Binding to an address succeeds only if it is one of ours.
+    addr.ip().is_loopback() || std::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0)).is_ok()
+}
+
 fn describe_filters(cfg: &Config) -> String {
     let mut filters = vec![cfg
         .ports
@@ -179,6 +217,9 @@ fn describe_filters(cfg: &Config) -> String {
         .map_or("all ports".to_string(), |p| format!("ports {p}"))];
     if !cfg.rules.is_empty() {
         filters.push(cfg.rules.describe());
+    }
+    if let Some(up) = &cfg.upstream {
+        filters.push(format!("via {}", up.display()));
     }
     filters.join(", ")
 }
@@ -193,7 +234,10 @@ fn bind_listeners(cfg: &Config) -> Result<Vec<std::net::TcpListener>> {
             Err(e)
                 if cfg.listen_defaulted
                     && addr.is_ipv6()
-                    && matches!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)) =>
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+                    ) =>
             {
                 warn!(
                     "no IPv6 loopback on this host ({}): listening on IPv4 only, IPv6 connections are not intercepted",

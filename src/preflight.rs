@@ -81,6 +81,30 @@ pub fn raise_fd_limit() -> u64 {
     rl.rlim_cur
 }
 
+/// How many connections this machine lets ktproxy hold at once, and which
+/// limit decides it. Each connection costs two descriptors, one thread, and
+/// two memory mappings (the thread's stack and its guard page).
+pub fn connection_capacity(fd_limit: u64) -> (u64, &'static str) {
+    let sysctl = |path: &str| -> Option<u64> { fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let mut limits = vec![(
+        fd_limit.saturating_sub(64) / 2,
+        "the open-file limit (RLIMIT_NOFILE)",
+    )];
+    if let Some(n) = sysctl("/proc/sys/vm/max_map_count") {
+        limits.push((n.saturating_sub(1000) / 2, "vm.max_map_count"));
+    }
+    if let Some(n) = sysctl("/proc/sys/kernel/pid_max") {
+        limits.push((n.saturating_sub(1000), "kernel.pid_max"));
+    }
+    if let Some(n) = sysctl("/proc/sys/kernel/threads-max") {
+        limits.push((n.saturating_sub(1000), "kernel.threads-max"));
+    }
+    limits
+        .into_iter()
+        .min_by_key(|(n, _)| *n)
+        .unwrap_or((0, "unknown"))
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default);
 /// later ones use memory cgroups and ignore it. Raising it is harmless.
 pub fn raise_memlock_limit() {

@@ -103,6 +103,9 @@ impl Half {
                     return Ok(Wait::Done);
                 }
                 Ok(n) => {
+                    // A short read drained the socket: the next read would
+                    // only say EAGAIN, so leave it to poll to say when.
+                    self.readable = n == CHUNK;
                     self.buffered = n;
                     self.pipe = Some(pipe);
                 }

@@ -38,7 +38,9 @@ impl Cidr {
         let cidr = match ip {
             IpAddr::V4(a) => Cidr::V4(a, len),
             IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
-                return Err(format!("'{s}' is IPv4-mapped; write the IPv4 form (it also covers ::ffff: destinations)"))
+                return Err(format!(
+                "'{s}' is IPv4-mapped; write the IPv4 form (it also covers ::ffff: destinations)"
+            ))
             }
             IpAddr::V6(a) => Cidr::V6(a, len),
         };
@@ -103,8 +105,13 @@ impl Rules {
     /// One CIDR per line; blank lines and `#` comments (whole-line or
     /// trailing) are ignored. Errors name the file and line.
     pub fn add_file(list: &mut Vec<Cidr>, opt: &str, path: &Path) -> Result<()> {
-        let text = fs::read_to_string(path)
-            .map_err(|e| Error::usage(format!("{opt}: cannot read {}: {}", path.display(), io_text(&e))))?;
+        let text = fs::read_to_string(path).map_err(|e| {
+            Error::usage(format!(
+                "{opt}: cannot read {}: {}",
+                path.display(),
+                io_text(&e)
+            ))
+        })?;
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -140,21 +147,43 @@ mod tests {
 
     #[test]
     fn parses_ipv4_and_ipv6_cidrs_and_single_addresses() {
-        assert_eq!(Cidr::parse("10.0.0.0/8"), Ok(Cidr::V4(Ipv4Addr::new(10, 0, 0, 0), 8)));
-        assert_eq!(Cidr::parse("192.168.1.7"), Ok(Cidr::V4(Ipv4Addr::new(192, 168, 1, 7), 32)));
-        assert_eq!(Cidr::parse("2001:db8::/32"), Ok(Cidr::V6("2001:db8::".parse().unwrap(), 32)));
+        assert_eq!(
+            Cidr::parse("10.0.0.0/8"),
+            Ok(Cidr::V4(Ipv4Addr::new(10, 0, 0, 0), 8))
+        );
+        assert_eq!(
+            Cidr::parse("192.168.1.7"),
+            Ok(Cidr::V4(Ipv4Addr::new(192, 168, 1, 7), 32))
+        );
+        assert_eq!(
+            Cidr::parse("2001:db8::/32"),
+            Ok(Cidr::V6("2001:db8::".parse().unwrap(), 32))
+        );
         assert_eq!(Cidr::parse("::1"), Ok(Cidr::V6(Ipv6Addr::LOCALHOST, 128)));
-        assert_eq!(Cidr::parse("0.0.0.0/0"), Ok(Cidr::V4(Ipv4Addr::UNSPECIFIED, 0)));
+        assert_eq!(
+            Cidr::parse("0.0.0.0/0"),
+            Ok(Cidr::V4(Ipv4Addr::UNSPECIFIED, 0))
+        );
     }
 
     #[test]
     fn rejects_malformed_cidrs_with_the_reason() {
-        assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("prefix length must be 0-32"));
+        assert!(Cidr::parse("10.0.0.0/33")
+            .unwrap_err()
+            .contains("prefix length must be 0-32"));
         assert!(Cidr::parse("::/129").unwrap_err().contains("0-128"));
-        assert!(Cidr::parse("10.0.0.1/8").unwrap_err().contains("did you mean 10.0.0.0/8"));
-        assert!(Cidr::parse("example.com").unwrap_err().contains("not an IPv4 or IPv6"));
-        assert!(Cidr::parse("10.0.0.0/x").unwrap_err().contains("prefix length"));
-        assert!(Cidr::parse("::ffff:10.0.0.0/104").unwrap_err().contains("IPv4-mapped"));
+        assert!(Cidr::parse("10.0.0.1/8")
+            .unwrap_err()
+            .contains("did you mean 10.0.0.0/8"));
+        assert!(Cidr::parse("example.com")
+            .unwrap_err()
+            .contains("not an IPv4 or IPv6"));
+        assert!(Cidr::parse("10.0.0.0/x")
+            .unwrap_err()
+            .contains("prefix length"));
+        assert!(Cidr::parse("::ffff:10.0.0.0/104")
+            .unwrap_err()
+            .contains("IPv4-mapped"));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use log::{debug, warn};
 
 use crate::conn::{self, Shared};
 use crate::error::{io_text, Context, Result};
+use crate::sys;
 
 /// Keep at least this many threads waiting in accept per listener.
 const MIN_IDLE: usize = 2;
@@ -27,13 +28,18 @@ const STACK_SIZE: usize = 128 * 1024;
 
 struct Acceptors {
     listener: TcpListener,
+    local: std::net::SocketAddr,
     shared: Arc<Shared>,
     idle: AtomicUsize,
 }
 
 pub fn start(listener: TcpListener, shared: Arc<Shared>) -> Result<()> {
+    let local = listener
+        .local_addr()
+        .context("reading the listen address")?;
     let pool = Arc::new(Acceptors {
         listener,
+        local,
         shared,
         idle: AtomicUsize::new(0),
     });
@@ -64,16 +70,16 @@ fn accept_loop(pool: &Arc<Acceptors>) {
     let mut last_warning: Option<Instant> = None;
     loop {
         // `idle` already counts this thread.
-        let accepted = pool.listener.accept();
+        let accepted = sys::accept(&pool.listener);
         let idle_left = pool.idle.fetch_sub(1, Ordering::SeqCst) - 1;
         match accepted {
-            Ok((stream, _)) => {
+            Ok((stream, peer)) => {
                 if idle_left < MIN_IDLE {
                     if let Err(e) = spawn(pool) {
                         warn!("cannot start another connection thread: {}", io_text(&e));
                     }
                 }
-                conn::serve(&pool.shared, stream);
+                conn::serve(&pool.shared, stream, peer, pool.local);
                 if pool.idle.load(Ordering::SeqCst) >= MAX_IDLE {
                     return;
                 }

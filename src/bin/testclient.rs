@@ -354,6 +354,19 @@ fn expect_reset(addr: SocketAddr, within: Duration) -> Result<String, Failure> {
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
             return Ok(format!("ok: connection refused after {} ms", ms()))
         }
+        // A proxy may accept and reset so quickly that connect() itself
+        // sees the reset.
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+            ) =>
+        {
+            return Ok(format!(
+                "ok: connection reset during connect after {} ms",
+                ms()
+            ))
+        }
         Err(e) if is_timeout(&e) => {
             return check(format!("connect to {addr} still pending after {limit} ms"))
         }
