@@ -4,8 +4,8 @@
 #   sudo scripts/bench.sh [--quick] [--smoke] [--no-haproxy]
 #
 #   (default)     3 runs of everything, medians; iperf3 and wrk 5 s each,
-#                 5000 idle connections. About 6-8 minutes.
-#   --quick       1 run; iperf3 2 s, wrk 3 s, 1000 idle connections (~1.5 min)
+#                 5000 idle connections. About 4 minutes on 2 vCPUs.
+#   --quick       1 run; iperf3 2 s, wrk 3 s, 1000 idle connections (~45 s)
 #   --smoke       ~1 s of each workload, 50 idle connections, no haproxy, no
 #                 installs: a row whose tool is missing prints SKIP. Exits
 #                 non-zero when ktproxy fails to proxy (scripts/test.sh runs it).
@@ -75,6 +75,12 @@ policy_created=0
 problems=()  # failures that make the exit status non-zero
 warnings=()  # reported at the end, do not change the exit status
 
+restore_bpf_stats() {
+	if [[ -n $bpf_stats_old ]]; then
+		echo "$bpf_stats_old" >/proc/sys/kernel/bpf_stats_enabled 2>/dev/null || true
+	fi
+}
+
 # shellcheck disable=SC2317 # called by the EXIT trap
 cleanup() {
 	local pid i alive
@@ -120,12 +126,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-restore_bpf_stats() {
-	if [[ -n $bpf_stats_old ]]; then
-		echo "$bpf_stats_old" >/proc/sys/kernel/bpf_stats_enabled 2>/dev/null || true
-	fi
-}
 
 set_bpf_stats_on() {
 	[[ -w /proc/sys/kernel/bpf_stats_enabled ]] || return 0
