@@ -249,6 +249,14 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, const struct orig
 	return 1;
 }
 
+/* Connecting to 0.0.0.0 reaches this host's loopback, and the kernel then
+ * reports the peer as 127.0.0.1: rules, the recorded destination and
+ * getpeername must see that address too, as they would without ktproxy. */
+static __always_inline __u32 unspecified_to_loopback4(__u32 ip)
+{
+	return ip ? ip : bpf_htonl(0x7f000001);
+}
+
 static __always_inline int is_v4_mapped(const __u32 ip[4])
 {
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff);
@@ -264,7 +272,7 @@ int ktproxy_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	/* user_port holds the network-order port in its low 16 bits. */
 	port = bpf_ntohs((__u16)ctx->user_port);
-	dst.ip[0] = ctx->user_ip4;
+	dst.ip[0] = unspecified_to_loopback4(ctx->user_ip4);
 	if (dst.ip[0] == listen_ip4 && port == listen_port4) {
 		count(STAT_SKIP_SELF);
 		return 1;
@@ -300,7 +308,7 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 	if (is_v4_mapped(dst.ip)) {
 		/* ::ffff:a.b.c.d on an AF_INET6 socket is an IPv4 connection that
 		 * connect4 never sees; send it to the IPv4 listener, mapped. */
-		__u32 ip4 = dst.ip[3];
+		__u32 ip4 = unspecified_to_loopback4(dst.ip[3]);
 
 		if (!listen_port4)
 			return 1;
@@ -328,6 +336,9 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 
 	if (!listen_port6)
 		return 1;
+	/* :: means this host, as 0.0.0.0 does for IPv4. */
+	if (!(dst.ip[0] | dst.ip[1] | dst.ip[2] | dst.ip[3]))
+		dst.ip[3] = bpf_htonl(1);
 	/* Link-local destinations need the scope id (interface), which
 	 * bpf_sock_addr does not carry: the proxy could not dial them. */
 	if ((dst.ip[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000)) {
