@@ -9,17 +9,17 @@
  *      destination to P.
  *   2. sockops_client, ACTIVE_ESTABLISHED (cgroup of C): C got the SYN-ACK.
  *      Publish D in `flows` under the exact 4-tuple C<->P. This runs before C
- *      sends the final ACK, so it always precedes step 3.
- *   3. sockops_proxy, PASSIVE_ESTABLISHED (ktproxy's own cgroup): the
- *      accepted socket A for that 4-tuple is born. Move D from `flows` into
- *      A's socket storage (accepted_dst) and delete the `flows` entry.
- *   4. getsockopt (ktproxy's own cgroup): SO_ORIGINAL_DST on A answers D.
- *   5. getpeername4/6 (cgroup of C): C asks who its peer is; answer D, not P.
+ *      sends the final ACK, so before ktproxy can accept the connection.
+ *   3. getsockopt (ktproxy's own cgroup): SO_ORIGINAL_DST on the accepted
+ *      socket A. The first call claims D from `flows` by A's 4-tuple into A's
+ *      socket storage (accepted_dst) and deletes the `flows` entry; every call
+ *      answers from that storage.
+ *   4. getpeername4/6 (cgroup of C): C asks who its peer is; answer D, not P.
  *
  * Socket storage is freed by the kernel with its socket, so nothing can leak
- * or answer for another connection. `flows` holds an entry only for the
- * microseconds between steps 2 and 3; it is an LRU map so that handshakes
- * that never complete (accept queue overflow) cannot fill it.
+ * or answer for another connection. `flows` holds an entry only between
+ * steps 2 and 3, while the connection waits in the accept queue; it is an LRU
+ * map so that connections ktproxy never accepts cannot fill it.
  *
  * Byte order: addresses are kept in network byte order everywhere (they are
  * copied, never compared numerically); ports are host byte order in keys and
@@ -41,6 +41,9 @@
 #define IP6T_SO_ORIGINAL_DST 80 /* <linux/netfilter_ipv6/ip6_tables.h> */
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+/* A load clang may neither merge nor move (see its uses). */
+#define READ(field) (*(volatile typeof(field) *)&(field))
 
 /* ---- configuration, written by src/bpf.rs before load() ---------------- */
 
@@ -109,8 +112,8 @@ struct {
 	__type(value, struct orig_dst);
 } accepted_dst SEC(".maps");
 
-/* In flight entries are bounded by the listeners' accept backlogs (4096
- * each); LRU maps are preallocated, so do not make this much larger. */
+/* Entries wait at most in the listeners' accept queues (4096 each); LRU maps
+ * are preallocated, so do not make this much larger. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
@@ -161,8 +164,8 @@ enum stat {
 	STAT_SKIP_SELF,       /* destination is the proxy itself */
 	STAT_NO_STORAGE,      /* socket storage allocation failed: went direct */
 	STAT_FLOW_PUBLISHED,  /* step 2 */
-	STAT_FLOW_CLAIMED,    /* step 3 */
-	STAT_ANSWERED,        /* step 4 */
+	STAT_FLOW_CLAIMED,    /* step 3, first call */
+	STAT_ANSWERED,        /* step 3 */
 	STAT_MAX,
 };
 
@@ -368,56 +371,37 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 
 /* ---- handing the destination from the client socket to the accepted one --- */
 
-/* The 4-tuple of a sockops socket, with `local` as client or proxy side.
- * An AF_INET6 socket that connected to a v4-mapped address talks IPv4: key it
- * as IPv4 so that it matches the AF_INET socket accepted by the v4 listener. */
-static __always_inline void flow_key_of(struct bpf_sock_ops *skops, struct flow_key *key,
-					int local_is_client)
+/* An AF_INET6 socket that connected to a v4-mapped address talks IPv4: key it
+ * as IPv4 so that it matches the AF_INET socket the v4 listener accepted. */
+static __always_inline void fill_key(struct flow_key *key, __u32 family, const __u32 cip[4],
+				     __u16 cport, const __u32 pip[4], __u16 pport)
 {
-	__u32 lip[4] = {}, rip[4] = {};
-	__u16 lport = (__u16)skops->local_port;          /* host order */
-	__u16 rport = (__u16)bpf_ntohl(skops->remote_port); /* network order, in the high half */
-	__u32 family = skops->family;
-
-	if (family == AF_INET6) {
-		lip[0] = skops->local_ip6[0];
-		lip[1] = skops->local_ip6[1];
-		lip[2] = skops->local_ip6[2];
-		lip[3] = skops->local_ip6[3];
-		rip[0] = skops->remote_ip6[0];
-		rip[1] = skops->remote_ip6[1];
-		rip[2] = skops->remote_ip6[2];
-		rip[3] = skops->remote_ip6[3];
-		if (is_v4_mapped(rip)) {
-			family = AF_INET;
-			lip[0] = lip[3];
-			rip[0] = rip[3];
-			lip[1] = lip[2] = lip[3] = 0;
-			rip[1] = rip[2] = rip[3] = 0;
-		}
-	} else {
-		lip[0] = skops->local_ip4;
-		rip[0] = skops->remote_ip4;
-	}
-
 	key->family = family;
-	if (local_is_client) {
-		__builtin_memcpy(key->client_ip, lip, sizeof(lip));
-		__builtin_memcpy(key->proxy_ip, rip, sizeof(rip));
-		key->client_port = lport;
-		key->proxy_port = rport;
-	} else {
-		__builtin_memcpy(key->client_ip, rip, sizeof(rip));
-		__builtin_memcpy(key->proxy_ip, lip, sizeof(lip));
-		key->client_port = rport;
-		key->proxy_port = lport;
+	key->client_port = cport;
+	key->proxy_port = pport;
+	if (family == AF_INET6 && is_v4_mapped(cip)) {
+		key->family = AF_INET;
+		key->client_ip[0] = cip[3];
+		key->proxy_ip[0] = pip[3];
+		return;
+	}
+	key->client_ip[0] = cip[0];
+	key->proxy_ip[0] = pip[0];
+	if (family == AF_INET6) {
+		key->client_ip[1] = cip[1];
+		key->client_ip[2] = cip[2];
+		key->client_ip[3] = cip[3];
+		key->proxy_ip[1] = pip[1];
+		key->proxy_ip[2] = pip[2];
+		key->proxy_ip[3] = pip[3];
 	}
 }
 
-/* Attached to the intercepted cgroup. */
+/* Attached to the intercepted cgroup: the client's side of the handshake. */
 SEC("sockops")
 int ktproxy_sockops_client(struct bpf_sock_ops *skops)
 {
+	__u32 local[4] = {}, remote[4] = {};
 	struct flow_key key = {};
 	struct orig_dst *dst;
 	struct bpf_sock *sk;
@@ -430,34 +414,65 @@ int ktproxy_sockops_client(struct bpf_sock_ops *skops)
 	dst = bpf_sk_storage_get(&client_dst, sk, 0, 0);
 	if (!dst)
 		return 1;
-	flow_key_of(skops, &key, 1);
+	/* Context fields are read with constant offsets only (READ): clang would
+	 * otherwise pick the field per family with pointer arithmetic on ctx,
+	 * which the verifier rejects ("dereference of modified ctx ptr"). */
+	if (skops->family == AF_INET6) {
+		local[0] = READ(skops->local_ip6[0]);
+		local[1] = READ(skops->local_ip6[1]);
+		local[2] = READ(skops->local_ip6[2]);
+		local[3] = READ(skops->local_ip6[3]);
+		remote[0] = READ(skops->remote_ip6[0]);
+		remote[1] = READ(skops->remote_ip6[1]);
+		remote[2] = READ(skops->remote_ip6[2]);
+		remote[3] = READ(skops->remote_ip6[3]);
+	} else {
+		local[0] = READ(skops->local_ip4);
+		remote[0] = READ(skops->remote_ip4);
+	}
+	/* local_port is host order; remote_port holds the network-order port
+	 * in its upper 16 bits. */
+	fill_key(&key, skops->family, local, (__u16)skops->local_port, remote,
+		 (__u16)bpf_ntohl(skops->remote_port));
 	if (bpf_map_update_elem(&flows, &key, dst, BPF_ANY) == 0)
 		count(STAT_FLOW_PUBLISHED);
 	return 1;
 }
 
-/* Attached to ktproxy's own cgroup, where its listener lives: accepted
- * sockets inherit the listener's cgroup. */
-SEC("sockops")
-int ktproxy_sockops_proxy(struct bpf_sock_ops *skops)
+/* The original destination of a socket ktproxy accepted: from its storage,
+ * or claimed from `flows` by its 4-tuple on first use. */
+static __always_inline struct orig_dst *accepted_orig_dst(struct bpf_sock *sk)
 {
+	__u32 local[4] = {}, remote[4] = {};
 	struct flow_key key = {};
-	struct orig_dst *dst;
-	struct bpf_sock *sk;
+	struct orig_dst *dst, *pending;
 
-	if (skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-		return 1;
-	sk = skops->sk;
-	if (!sk)
-		return 1;
-	flow_key_of(skops, &key, 0);
-	dst = bpf_map_lookup_elem(&flows, &key);
-	if (!dst)
-		return 1;
-	if (bpf_sk_storage_get(&accepted_dst, sk, dst, BPF_SK_STORAGE_GET_F_CREATE))
-		count(STAT_FLOW_CLAIMED);
+	dst = bpf_sk_storage_get(&accepted_dst, sk, 0, 0);
+	if (dst)
+		return dst;
+	if (sk->family == AF_INET6) {
+		local[0] = READ(sk->src_ip6[0]);
+		local[1] = READ(sk->src_ip6[1]);
+		local[2] = READ(sk->src_ip6[2]);
+		local[3] = READ(sk->src_ip6[3]);
+		remote[0] = READ(sk->dst_ip6[0]);
+		remote[1] = READ(sk->dst_ip6[1]);
+		remote[2] = READ(sk->dst_ip6[2]);
+		remote[3] = READ(sk->dst_ip6[3]);
+	} else {
+		local[0] = READ(sk->src_ip4);
+		remote[0] = READ(sk->dst_ip4);
+	}
+	/* src_port is host order, dst_port network order. */
+	fill_key(&key, sk->family, remote, bpf_ntohs(sk->dst_port), local, (__u16)sk->src_port);
+	pending = bpf_map_lookup_elem(&flows, &key);
+	if (!pending)
+		return 0;
+	dst = bpf_sk_storage_get(&accepted_dst, sk, pending, BPF_SK_STORAGE_GET_F_CREATE);
 	bpf_map_delete_elem(&flows, &key);
-	return 1;
+	if (dst)
+		count(STAT_FLOW_CLAIMED);
+	return dst;
 }
 
 /* ---- answering the proxy and the client ----------------------------------- */
@@ -483,7 +498,7 @@ int ktproxy_getsockopt(struct bpf_sockopt *ctx)
 	sk = ctx->sk;
 	if (!sk)
 		return 1;
-	dst = bpf_sk_storage_get(&accepted_dst, sk, 0, 0);
+	dst = accepted_orig_dst(sk);
 	if (!dst || dst->family != family)
 		return 1;
 

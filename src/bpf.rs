@@ -53,7 +53,7 @@ pub const STAT_NAMES: [&str; 9] = [
 /// redirect first.
 pub struct Redirect {
     skel: KtproxySkel<'static>,
-    links: Vec<(&'static str, Link)>,
+    links: Vec<(String, Link)>,
 }
 
 impl Redirect {
@@ -69,47 +69,18 @@ impl Redirect {
         let own_fd = open_dir(own)?;
         let target_fd = open_dir(intercepted)?;
         let p = &r.skel.progs;
+        let (mine, theirs) = ((&own_fd, own), (&target_fd, intercepted));
         let plan = [
-            (
-                "ktproxy_sockops_proxy",
-                &p.ktproxy_sockops_proxy,
-                &own_fd,
-                own,
-            ),
-            ("ktproxy_getsockopt", &p.ktproxy_getsockopt, &own_fd, own),
-            (
-                "ktproxy_sockops_client",
-                &p.ktproxy_sockops_client,
-                &target_fd,
-                intercepted,
-            ),
-            (
-                "ktproxy_getpeername4",
-                &p.ktproxy_getpeername4,
-                &target_fd,
-                intercepted,
-            ),
-            (
-                "ktproxy_getpeername6",
-                &p.ktproxy_getpeername6,
-                &target_fd,
-                intercepted,
-            ),
-            (
-                "ktproxy_connect6",
-                &p.ktproxy_connect6,
-                &target_fd,
-                intercepted,
-            ),
-            (
-                "ktproxy_connect4",
-                &p.ktproxy_connect4,
-                &target_fd,
-                intercepted,
-            ),
+            (&p.ktproxy_getsockopt, mine),
+            (&p.ktproxy_sockops_client, theirs),
+            (&p.ktproxy_getpeername4, theirs),
+            (&p.ktproxy_getpeername6, theirs),
+            (&p.ktproxy_connect6, theirs),
+            (&p.ktproxy_connect4, theirs),
         ];
         let mut links = Vec::new();
-        for (name, prog, fd, path) in plan {
+        for (prog, (fd, path)) in plan {
+            let name = prog.name().to_string_lossy().into_owned();
             let link = prog
                 .attach_cgroup(fd.as_raw_fd())
                 .with_context(|| format!("attaching {name} to {}", path.display()))?;

@@ -122,6 +122,9 @@ pub fn supervise(mut child: Child, cgroup: &CommandCgroup, signals: &SigSet) -> 
     let mut status: Option<i32> = None;
     let mut told_about_leftovers = false;
     let mut stopping_since: Option<Instant> = None;
+    // Someone asked ktproxy itself to stop: what COMMAND leaves behind when
+    // it obeys must stop too, not keep ktproxy waiting.
+    let mut asked_to_stop = false;
     loop {
         let sig = wait_signal(signals, Duration::from_millis(200))?;
         if let Some((sig, from_elsewhere)) = sig {
@@ -133,6 +136,7 @@ pub fn supervise(mut child: Child, cgroup: &CommandCgroup, signals: &SigSet) -> 
                 if from_elsewhere {
                     debug!("passing {sig} on to pid {child_pid}");
                     let _ = nix::sys::signal::kill(Pid::from_raw(child_pid), sig);
+                    asked_to_stop = true;
                 }
             } else if stopping_since.is_none() {
                 info!(
@@ -153,7 +157,11 @@ pub fn supervise(mut child: Child, cgroup: &CommandCgroup, signals: &SigSet) -> 
         if left.is_empty() {
             return Ok(code);
         }
-        if !told_about_leftovers {
+        if asked_to_stop && stopping_since.is_none() {
+            cgroup.signal_all(Signal::SIGTERM);
+            stopping_since = Some(Instant::now());
+        }
+        if !told_about_leftovers && !asked_to_stop {
             warn!(
                 "COMMAND exited ({code}) but {} process(es) it started still run in {}; they stay \
                  proxied and ktproxy waits for them (Ctrl-C or SIGTERM stops them)",

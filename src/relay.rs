@@ -68,6 +68,8 @@ impl Half {
                     let n = sys::splice(pipe.read_fd(), self.to, self.buffered);
                     trace!("{} splice pipe->{}: {:?}", self.name, self.to, n);
                     match n {
+                        // A socket that takes nothing would have us spin.
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                         Ok(n) => {
                             self.buffered -= n;
                             self.moved += n as u64;

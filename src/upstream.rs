@@ -196,16 +196,21 @@ impl Upstream {
                     self.who()
                 ))
             }
-            (METHOD_NO_ACCEPTABLE, creds) => {
-                let offered = if creds.is_some() {
-                    "no authentication, username/password"
-                } else {
-                    "no authentication"
-                };
+            // A conforming server that wants a password answers "no
+            // acceptable method" to a client that offered none.
+            (METHOD_NO_ACCEPTABLE, None) => {
                 return Err(format!(
-                    "{} accepted none of the offered authentication methods ({offered})",
+                    "{} requires authentication: it accepted none of the offered methods \
+                     (no authentication); give user:pass in the URL",
                     self.who()
-                ));
+                ))
+            }
+            (METHOD_NO_ACCEPTABLE, Some(_)) => {
+                return Err(format!(
+                    "{} accepted none of the offered authentication methods \
+                     (no authentication, username/password)",
+                    self.who()
+                ))
             }
             (method, _) => {
                 return Err(format!(
@@ -325,7 +330,8 @@ impl Upstream {
             msg.push(' ');
             msg.push_str(&reason);
         }
-        if code == 407 {
+        // tinyproxy answers a wrong password with 401, the RFC says 407.
+        if code == 407 || code == 401 {
             msg.push_str(if self.creds.is_some() {
                 " (the credentials were rejected)"
             } else {
@@ -1000,8 +1006,8 @@ mod tests {
         assert_eq!(
             r,
             Err(format!(
-                "SOCKS5 proxy {} accepted none of the offered authentication methods \
-                 (no authentication)",
+                "SOCKS5 proxy {} requires authentication: it accepted none of the offered \
+                 methods (no authentication); give user:pass in the URL",
                 up.addr()
             ))
         );

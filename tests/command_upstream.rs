@@ -1,0 +1,1353 @@
+//! End-to-end tests of "proxy one command" (`ktproxy [OPTIONS] -- COMMAND`)
+//! and of chaining through real upstream proxies (microsocks for SOCKS5,
+//! tinyproxy for HTTP CONNECT).
+//!
+//! They load BPF programs, so they need root:
+//!   sudo cargo test --release --test command_upstream
+//!
+//! Safety: command mode creates and intercepts only its own cgroup,
+//! `<ktproxy's cgroup>/ktproxy-<pid>-cmd`, so these tests never pass `-c`.
+//! Traffic stays on 127.0.0.1 and ::1. The upstream proxies are children of
+//! the test process, outside every intercepted cgroup, with their own
+//! configuration in a temporary directory, and are killed (by pid) on drop.
+//! Every wait is bounded; a ktproxy that outlives its test is killed by pid
+//! and whatever its COMMAND left in `ktproxy-<pid>-cmd` with it.
+
+mod common;
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LOCALHOST_V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Upper bound for one short ktproxy -- COMMAND run.
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a peer's log line may take to appear.
+const LOG_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Variables that would make curl & co. use a configured proxy themselves.
+const PROXY_ENV: [&str; 8] = [
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+];
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn read_text(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// The full path of `tool`, which the tests need: a missing one fails the
+/// test (never skips it) and says how to install it.
+fn need(tool: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from));
+    for dir in dirs {
+        let p = dir.join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "`{tool}` is not installed, and this test needs it: run scripts/deps.sh as root \
+         (it installs microsocks, tinyproxy, busybox-static, curl, netcat, bpftool)"
+    );
+}
+
+/// curl arguments for one bounded GET that ignores any configured proxy.
+fn curl_args(url: &str) -> Vec<String> {
+    ["-sS", "--noproxy", "*", "--max-time", "10", "-g", url]
+        .map(String::from)
+        .to_vec()
+}
+
+/// `curl ... URL` as a command line.
+fn curl_command(url: &str) -> Vec<String> {
+    let mut v = vec!["curl".to_string()];
+    v.extend(curl_args(url));
+    v
+}
+
+fn as_strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+// ---- ktproxy -- COMMAND --------------------------------------------------------
+
+/// `<ktproxy's cgroup parent>/ktproxy-<pid>-cmd` of a ktproxy the test started.
+fn command_cgroup_of(pid: u32) -> PathBuf {
+    self_cgroup().join(format!("ktproxy-{pid}-cmd"))
+}
+
+/// `ktproxy OPTS -- COMMAND...`, proxy settings removed from the environment
+/// that COMMAND inherits, stdin from /dev/null.
+fn ktproxy_cmd(opts: &[&str], command: &[&str]) -> Command {
+    for a in opts {
+        assert!(
+            !(a.starts_with("--cgroup") || (a.starts_with("-c") && !a.starts_with("--"))),
+            "command mode must not be given -c: {opts:?}"
+        );
+    }
+    let mut cmd = Command::new(KTPROXY);
+    cmd.args(opts).arg("--").args(command);
+    for v in PROXY_ENV {
+        cmd.env_remove(v);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// A running `ktproxy ... -- COMMAND` with stdout and stderr in files. On
+/// drop, a ktproxy still running is killed (by pid) together with what is
+/// left in its command cgroup, and both of its cgroups are removed.
+struct CommandRun {
+    child: Child,
+    pid: u32,
+    status: Option<ExitStatus>,
+    shown: String,
+    out: PathBuf,
+    err: PathBuf,
+    _dir: TempDir,
+}
+
+impl CommandRun {
+    fn spawn(cmd: &mut Command) -> CommandRun {
+        let dir = TempDir::new("cmdrun");
+        let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+        let create = |p: &Path| fs::File::create(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+        cmd.stdout(create(&out)).stderr(create(&err));
+        // If the test process dies without running Drop, ktproxy gets
+        // SIGTERM, passes it on to COMMAND and cleans up. The signal comes
+        // when the spawning thread exits: spawn on the test's own thread.
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let shown = format!("{cmd:?}");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {shown}: {e}"));
+        CommandRun {
+            pid: child.id(),
+            child,
+            status: None,
+            shown,
+            out,
+            err,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn stderr_now(&self) -> String {
+        read_text(&self.err)
+    }
+
+    /// Waits up to `timeout` for the exit; None if still running.
+    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = wait_child(&mut self.child, timeout);
+        }
+        self.status
+    }
+
+    /// Waits for the exit and returns what it printed; panics (and Drop
+    /// cleans up) if it runs longer than `timeout`.
+    fn finish(&mut self, timeout: Duration) -> Output {
+        match self.wait(timeout) {
+            Some(status) => Output {
+                status,
+                stdout: fs::read(&self.out).unwrap_or_default(),
+                stderr: fs::read(&self.err).unwrap_or_default(),
+            },
+            None => panic!(
+                "{} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+                self.shown,
+                read_text(&self.out),
+                tail(&read_text(&self.err), 40)
+            ),
+        }
+    }
+}
+
+impl Drop for CommandRun {
+    fn drop(&mut self) {
+        let cmd_cgroup = command_cgroup_of(self.pid);
+        if self.status.is_none() && self.wait(Duration::ZERO).is_none() {
+            signal(self.pid as i32, libc::SIGKILL);
+            self.status = self.child.wait().ok();
+            // Only COMMAND and what it forked can be in there.
+            for _ in 0..5 {
+                let pids = cgroup_procs(&cmd_cgroup);
+                if pids.is_empty() {
+                    break;
+                }
+                for p in pids {
+                    signal(p, libc::SIGKILL);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // rmdir only removes empty cgroups; after a normal exit there is
+        // nothing to remove (the tests check that before this runs).
+        let _ = remove_cgroup_dir(&cmd_cgroup, Duration::from_secs(2));
+        let _ = remove_cgroup_dir(&own_cgroup_of(self.pid), Duration::from_secs(2));
+    }
+}
+
+/// Runs `ktproxy OPTS -- COMMAND` to the end: (output, ktproxy's pid).
+fn run_command(opts: &[&str], command: &[&str], timeout: Duration) -> (Output, u32) {
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(opts, command));
+    let out = run.finish(timeout);
+    (out, run.pid())
+}
+
+/// Whether process `pid` exists and has not exited (a zombie waiting for
+/// its parent, e.g. init after reparenting, has exited).
+fn is_running(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| {
+            // "pid (comm) S ...": the state follows the last ')'.
+            let after = &st[st.rfind(')')? + 1..];
+            after.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// ktproxy's exit code; panics if it died of a signal itself.
+fn exit_code(o: &Output) -> i32 {
+    o.status
+        .code()
+        .unwrap_or_else(|| panic!("ktproxy died of a signal: {}", describe(o)))
+}
+
+/// `bpftool cgroup tree` (text), which lists every cgroup with programs.
+/// bpftool gives up when a cgroup disappears while it walks the hierarchy
+/// (other ktproxy instances of concurrent tests come and go): try again.
+fn bpftool_cgroup_tree() -> String {
+    let bpftool = need("bpftool");
+    let mut last = None;
+    for _ in 0..50 {
+        let o = run_within(
+            Command::new(&bpftool).args(["cgroup", "tree"]),
+            Duration::from_secs(20),
+        );
+        if o.status.success() {
+            return stdout(&o);
+        }
+        last = Some(o);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("bpftool cgroup tree: {}", describe(&last.unwrap()));
+}
+
+/// The cgroup paths in `bpftool cgroup tree` output that belong to the
+/// ktproxy with this pid (its own cgroup or its command's).
+fn tree_mentions(tree: &str, pid: u32) -> Vec<String> {
+    let own = format!("/ktproxy-{pid}");
+    let cmd = format!("/ktproxy-{pid}-cmd");
+    tree.split_whitespace()
+        .filter(|w| w.ends_with(&own) || w.ends_with(&cmd))
+        .map(String::from)
+        .collect()
+}
+
+/// After ktproxy `pid` exited: neither of its cgroups exists, bpftool shows
+/// no programs attached to them, and its log (`log`) has no complaint about
+/// removing them. (Another ktproxy starting meanwhile removes the empty
+/// cgroups of dead ones, which would hide a leak but not its warning.)
+fn assert_nothing_left(pid: u32, log: &str, what: &str) {
+    for dir in [own_cgroup_of(pid), command_cgroup_of(pid)] {
+        assert!(
+            !dir.exists(),
+            "{what}: {} left behind (members {:?})",
+            dir.display(),
+            cgroup_procs(&dir)
+        );
+    }
+    assert!(
+        !log.contains("removing cgroup"),
+        "{what}: ktproxy could not remove a cgroup:\n{log}"
+    );
+    let tree = bpftool_cgroup_tree();
+    let left = tree_mentions(&tree, pid);
+    assert!(
+        left.is_empty(),
+        "{what}: bpftool cgroup tree still shows {left:?}:\n{tree}"
+    );
+}
+
+/// The listen addresses from a `-v` log's ready line.
+fn listen_addrs(log: &str) -> Vec<SocketAddr> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("ready: listening on "))
+        .unwrap_or_else(|| panic!("no ready line in the log:\n{}", tail(log, 20)));
+    parse_listen_addrs(line).unwrap_or_else(|| panic!("no listen addresses in: {line}"))
+}
+
+/// The destinations of the `Connecting to target D` lines of a log.
+fn targets(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.split_once("Connecting to target ").map(|(_, t)| t))
+        .map(|t| t.split_whitespace().next().unwrap_or("").to_string())
+        .collect()
+}
+
+fn assert_body_from(body: &str, server: SocketAddr) {
+    assert!(
+        body.contains(&format!("Hello from testserver at {server},")),
+        "the reply does not come from the testserver at {server}: {body:?}"
+    );
+}
+
+// ---- upstream proxy peers -----------------------------------------------------------
+
+/// A SOCKS5 or HTTP proxy process (microsocks, tinyproxy) on 127.0.0.1,
+/// started by the test, outside every intercepted cgroup; killed on drop.
+struct Peer {
+    addr: SocketAddr,
+    log: PathBuf,
+    _child: KillOnDrop,
+    _dir: TempDir,
+}
+
+impl Peer {
+    /// Starts `program` with the arguments `args(dir, port)` returns, on a
+    /// free port (tried again with another one if it cannot bind it), and
+    /// waits until it accepts connections. Its stdout and stderr go to
+    /// `dir/out`; `log_file(dir)` is where it logs (may be that file).
+    fn start(
+        program: &str,
+        label: &str,
+        ip: IpAddr,
+        args: impl Fn(&Path, u16) -> Vec<String>,
+        log_file: impl Fn(&Path) -> PathBuf,
+    ) -> Peer {
+        let exe = need(program);
+        let mut last = String::new();
+        for _attempt in 0..5 {
+            let dir = TempDir::new(label);
+            let port = TcpListener::bind((ip, 0))
+                .and_then(|l| l.local_addr())
+                .unwrap_or_else(|e| panic!("no free port on {ip}: {e}"))
+                .port();
+            let out = dir.path().join("out");
+            let f = fs::File::create(&out).expect("creating the peer's output file");
+            let mut cmd = Command::new(&exe);
+            cmd.args(args(dir.path(), port))
+                .stdin(Stdio::null())
+                .stdout(f.try_clone().unwrap())
+                .stderr(f);
+            let mut child = KillOnDrop::spawn(&mut cmd);
+            let addr = SocketAddr::new(ip, port);
+            let mut died = false;
+            let up = wait_until(Duration::from_secs(10), || {
+                if matches!(child.0.try_wait(), Ok(Some(_))) {
+                    died = true;
+                    return true;
+                }
+                TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+            });
+            // A connect that succeeded may have reached someone else who
+            // took the port meanwhile: the peer must still be alive.
+            died |= matches!(child.0.try_wait(), Ok(Some(_)));
+            if up && !died {
+                return Peer {
+                    addr,
+                    log: log_file(dir.path()),
+                    _child: child,
+                    _dir: dir,
+                };
+            }
+            last = format!(
+                "{cmd:?} {}: {}",
+                if died { "exited" } else { "accepted nothing" },
+                read_text(&out)
+            );
+            drop(child);
+        }
+        panic!("could not start {program}: {last}");
+    }
+
+    /// `microsocks -i 127.0.0.1 -p PORT [-u USER -P PASS]`.
+    fn microsocks(auth: Option<(&str, &str)>) -> Peer {
+        Peer::microsocks_on(LOCALHOST_V4, auth)
+    }
+
+    /// `microsocks -i IP -p PORT [-u USER -P PASS]`.
+    fn microsocks_on(ip: IpAddr, auth: Option<(&str, &str)>) -> Peer {
+        let auth: Vec<String> = auth
+            .map(|(u, p)| vec!["-u".into(), u.into(), "-P".into(), p.into()])
+            .unwrap_or_default();
+        Peer::start(
+            "microsocks",
+            "microsocks",
+            ip,
+            move |_, port| {
+                let mut a: Vec<String> = ["-i", &ip.to_string(), "-p", &port.to_string()]
+                    .map(String::from)
+                    .to_vec();
+                a.extend(auth.iter().cloned());
+                a
+            },
+            |dir| dir.join("out"),
+        )
+    }
+
+    /// `tinyproxy -d -c FILE`, allowing CONNECT only to `connect_port`, with
+    /// Basic authentication if `auth` is given.
+    fn tinyproxy(connect_port: u16, auth: Option<(&str, &str)>) -> Peer {
+        let auth = auth.map(|(u, p)| format!("BasicAuth {u} {p}\n"));
+        Peer::start(
+            "tinyproxy",
+            "tinyproxy",
+            LOCALHOST_V4,
+            move |dir, port| {
+                let conf = dir.join("tinyproxy.conf");
+                let text = format!(
+                    "Port {port}\n\
+                     Listen 127.0.0.1\n\
+                     Timeout 30\n\
+                     MaxClients 50\n\
+                     LogFile \"{}\"\n\
+                     LogLevel Info\n\
+                     ConnectPort {connect_port}\n\
+                     {}",
+                    dir.join("tinyproxy.log").display(),
+                    auth.clone().unwrap_or_default()
+                );
+                fs::write(&conf, text).expect("writing tinyproxy.conf");
+                vec!["-d".into(), "-c".into(), conf.display().to_string()]
+            },
+            |dir| dir.join("tinyproxy.log"),
+        )
+    }
+
+    fn log(&self) -> String {
+        read_text(&self.log)
+    }
+
+    /// Waits for a log line containing `needle`; returns the log.
+    fn wait_log(&self, needle: &str) -> String {
+        let mut log = String::new();
+        if !wait_until(LOG_TIMEOUT, || {
+            log = self.log();
+            log.contains(needle)
+        }) {
+            panic!(
+                "the upstream proxy logged no {needle:?} within {LOG_TIMEOUT:?}; its log:\n{}",
+                tail(&log, 30)
+            );
+        }
+        log
+    }
+
+    fn socks5_url(&self) -> String {
+        format!("socks5://{}", self.addr)
+    }
+}
+
+/// An ELF executable without a PT_INTERP program header is statically
+/// linked: no dynamic loader runs, so LD_PRELOAD (proxychains) cannot work.
+fn is_statically_linked(path: &Path) -> Result<bool, String> {
+    let b = fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if b.len() < 64 || &b[..4] != b"\x7fELF" {
+        return Err(format!("{} is not an ELF file", path.display()));
+    }
+    let le = b[5] == 1;
+    let uint = |at: usize, len: usize| -> Result<u64, String> {
+        let bytes = b
+            .get(at..at + len)
+            .ok_or_else(|| format!("{}: truncated ELF header", path.display()))?;
+        let mut v = 0u64;
+        for i in 0..len {
+            let byte = if le { bytes[len - 1 - i] } else { bytes[i] };
+            v = (v << 8) | u64::from(byte);
+        }
+        Ok(v)
+    };
+    let (phoff, phentsize, phnum) = match b[4] {
+        2 => (uint(0x20, 8)?, uint(0x36, 2)?, uint(0x38, 2)?),
+        1 => (uint(0x1c, 4)?, uint(0x2a, 2)?, uint(0x2c, 2)?),
+        c => return Err(format!("{}: unknown ELF class {c}", path.display())),
+    };
+    const PT_INTERP: u64 = 3;
+    for i in 0..phnum {
+        if uint((phoff + i * phentsize) as usize, 4)? == PT_INTERP {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+// ---- command mode ----------------------------------------------------------------
+
+#[test]
+fn command_exit_status_is_passed_through_and_128_plus_signal() {
+    require_root();
+    need("sh");
+    let cases: [(&str, i32); 4] = [
+        ("exit 0", 0),
+        ("exit 7", 7),
+        ("kill -9 $$", 128 + 9),
+        ("kill -TERM $$", 128 + 15),
+    ];
+    for (script, want) in cases {
+        let (out, pid) = run_command(&[], &["sh", "-c", script], RUN_TIMEOUT);
+        assert_eq!(
+            exit_code(&out),
+            want,
+            "sh -c '{script}': {}",
+            describe(&out)
+        );
+        assert_nothing_left(pid, &stderr(&out), script);
+    }
+}
+
+#[test]
+fn missing_command_exits_127_and_non_executable_126_with_one_line() {
+    require_root();
+    let missing = "ktproxy-test-no-such-command";
+    let (out, pid) = run_command(&[], &[missing, "arg"], RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 127, "{}", describe(&out));
+    let err = stderr(&out);
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "one line expected: {}",
+        describe(&out)
+    );
+    assert!(
+        err.contains(&format!(
+            "cannot run '{missing}': No such file or directory"
+        )),
+        "{err}"
+    );
+    assert_nothing_left(pid, &stderr(&out), missing);
+
+    let (out, pid) = run_command(&[], &["/etc/passwd"], RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 126, "{}", describe(&out));
+    let err = stderr(&out);
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "one line expected: {}",
+        describe(&out)
+    );
+    assert!(
+        err.contains("cannot run '/etc/passwd': Permission denied"),
+        "{err}"
+    );
+    assert_nothing_left(pid, &stderr(&out), "/etc/passwd");
+}
+
+/// COMMAND runs as it would without ktproxy: same stdin, working directory
+/// and environment, and the blocked and ignored standard signals (1-31) a
+/// direct child of the test gets (ktproxy blocks signals for itself, and
+/// Rust ignores SIGPIPE: COMMAND must inherit neither). Signals 32 and 33
+/// are glibc's own and are left out.
+#[test]
+fn command_gets_stdin_cwd_environment_and_signal_state_of_a_direct_child() {
+    require_root();
+    need("sh");
+    let dir = TempDir::new("passthrough");
+    let input = dir.path().join("input");
+    fs::write(&input, "line from stdin\n").unwrap();
+    let script = r#"read -r line; echo "stdin=$line"; echo "cwd=$(pwd)"; echo "env=$KTPROXY_TEST_VAR"; blk=$(awk '/^SigBlk:/ {print $2}' /proc/self/status); ign=$(awk '/^SigIgn:/ {print $2}' /proc/self/status); echo "blocked=$((0x$blk & 0x7fffffff)) ignored=$((0x$ign & 0x7fffffff))""#;
+
+    let mut direct = Command::new("sh");
+    direct
+        .args(["-c", script])
+        .current_dir(dir.path())
+        .env("KTPROXY_TEST_VAR", "some value")
+        .stdin(fs::File::open(&input).unwrap());
+    let want = output_within(&mut direct, RUN_TIMEOUT)
+        .unwrap_or_else(|o| panic!("sh did not finish: {}", describe(&o)));
+    assert!(want.status.success(), "{}", describe(&want));
+
+    let mut cmd = ktproxy_cmd(&[], &["sh", "-c", script]);
+    cmd.current_dir(dir.path())
+        .env("KTPROXY_TEST_VAR", "some value")
+        .stdin(fs::File::open(&input).unwrap());
+    let mut run = CommandRun::spawn(&mut cmd);
+    let out = run.finish(RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    let got = stdout(&out);
+    assert!(got.contains("stdin=line from stdin\n"), "{got}");
+    assert!(got.contains("env=some value\n"), "{got}");
+    assert_eq!(
+        got,
+        stdout(&want),
+        "COMMAND's view differs from a direct child's"
+    );
+    assert_eq!(stderr(&out), "", "{}", describe(&out));
+    assert_nothing_left(run.pid(), &run.stderr_now(), "passthrough");
+}
+
+#[test]
+fn dash_c_together_with_command_is_refused_exit_2() {
+    require_root();
+    let cg = TestCgroup::new("dash_c_with_command");
+    let dir = TempDir::new("dash_c");
+    let marker = dir.path().join("ran");
+    // Not through ktproxy_cmd, which refuses -c itself.
+    let mut cmd = Command::new(KTPROXY);
+    cmd.arg("-c")
+        .arg(cg.path())
+        .args(["--", "touch"])
+        .arg(&marker)
+        .stdin(Stdio::null());
+    let mut run = CommandRun::spawn(&mut cmd);
+    let out = run.finish(RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 2, "{}", describe(&out));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", describe(&out));
+    assert!(stderr(&out).contains("-c/--cgroup"), "{}", describe(&out));
+    assert!(!marker.exists(), "COMMAND ran although ktproxy refused");
+    assert!(attached_programs(cg.path()).is_empty());
+    assert_nothing_left(run.pid(), &run.stderr_now(), "-c with COMMAND");
+}
+
+#[test]
+fn command_connections_are_proxied_and_quiet_without_v() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::testserver();
+    let url = format!("http://{}/", server.addr());
+    let command = curl_command(&url);
+    let command = as_strs(&command);
+
+    let (out, pid) = run_command(&["-v"], &command, RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    let log = stderr(&out);
+    assert!(
+        log.contains(&format!(
+            "intercepting cgroup {}",
+            command_cgroup_of(pid).display()
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("Connecting to target {}", server.addr())),
+        "{log}"
+    );
+    assert!(log.contains("Proxy connection established"), "{log}");
+    assert_nothing_left(pid, &stderr(&out), "-v curl");
+
+    // Quiet by default: COMMAND's output only.
+    let (out, pid) = run_command(&[], &command, RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    assert_eq!(
+        stderr(&out),
+        "",
+        "ktproxy printed something without -v: {}",
+        describe(&out)
+    );
+    assert_nothing_left(pid, &stderr(&out), "curl");
+}
+
+#[test]
+fn forking_command_has_all_its_connections_proxied() {
+    require_root();
+    need("curl");
+    need("sh");
+    let a = ServerProcess::testserver();
+    let b = ServerProcess::testserver();
+    let script = format!(
+        "curl -sS --noproxy '*' --max-time 10 http://{}/ && curl -sS --noproxy '*' --max-time 10 http://{}/",
+        a.addr(),
+        b.addr()
+    );
+    let (out, pid) = run_command(&["-v"], &["sh", "-c", &script], RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), a.addr());
+    assert_body_from(&stdout(&out), b.addr());
+    let log = stderr(&out);
+    assert_eq!(
+        targets(&log),
+        vec![a.addr().to_string(), b.addr().to_string()],
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("Proxy connection established").count(),
+        2,
+        "{log}"
+    );
+    assert_nothing_left(pid, &stderr(&out), "sh -c 'curl; curl'");
+}
+
+#[test]
+fn command_runs_in_its_own_cgroup_which_is_gone_afterwards() {
+    require_root();
+    need("curl");
+    need("bpftool");
+    let server = ServerProcess::testserver();
+    // From inside: where COMMAND is, and what is attached while it runs.
+    let script = format!(
+        "cat /proc/self/cgroup; echo ===; \
+         for i in 1 2 3 4 5 6 7 8 9 10; do \
+           t=$(bpftool cgroup tree 2>/dev/null) && {{ echo \"$t\"; break; }}; sleep 0.1; \
+         done; echo ===; \
+         curl -sS --noproxy '*' --max-time 10 http://{}/",
+        server.addr()
+    );
+    let (out, pid) = run_command(&["-v"], &["sh", "-c", &script], RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    let text = stdout(&out);
+    let parts: Vec<&str> = text.split("===\n").collect();
+    assert_eq!(parts.len(), 3, "{text}");
+
+    let v2 = parts[0]
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_else(|| panic!("no cgroup v2 line in /proc/self/cgroup: {}", parts[0]));
+    assert!(
+        v2.ends_with(&format!("/ktproxy-{pid}-cmd")),
+        "COMMAND ran in {v2}, not in ktproxy-{pid}-cmd"
+    );
+    assert_eq!(
+        cgroup2_root().join(v2.trim_start_matches('/')),
+        command_cgroup_of(pid)
+    );
+    // Positive control for the check below: while it ran, bpftool saw both.
+    let during = tree_mentions(parts[1], pid);
+    assert_eq!(during.len(), 2, "{}", parts[1]);
+    assert!(
+        parts[1].contains("ktproxy_connect4"),
+        "nothing attached while COMMAND ran:\n{}",
+        parts[1]
+    );
+    assert_body_from(parts[2], server.addr());
+    assert!(stderr(&out).contains("Proxy connection established"));
+
+    assert_nothing_left(pid, &stderr(&out), "after the run");
+}
+
+#[test]
+fn two_concurrent_commands_do_not_interfere() {
+    require_root();
+    const COUNT: usize = 200;
+    let servers: Vec<HelloServer> = (0..4).map(|_| HelloServer::start()).collect();
+    let (a1, b1, a2, b2) = (
+        servers[0].addr().to_string(),
+        servers[1].addr().to_string(),
+        servers[2].addr().to_string(),
+        servers[3].addr().to_string(),
+    );
+    let count = COUNT.to_string();
+    // Each COMMAND waits (at most 10 s) for a go file, so that both clients
+    // start together, once both ktproxy instances are up.
+    let dir = TempDir::new("concurrent");
+    let go = dir.path().join("go");
+    let script = r#"i=0; while [ ! -e "$0" ] && [ $i -lt 1000 ]; do sleep 0.01; i=$((i+1)); done; exec "$@""#;
+    let go_arg = go.to_str().unwrap();
+    // Both spawned from this thread (PR_SET_PDEATHSIG follows the thread).
+    let mut one = CommandRun::spawn(&mut ktproxy_cmd(
+        &["-v"],
+        &[
+            "sh", "-c", script, go_arg, TESTCLIENT, "hello", &a1, "--count", &count, "--alt", &b1,
+        ],
+    ));
+    let mut two = CommandRun::spawn(&mut ktproxy_cmd(
+        &["-v"],
+        &[
+            "sh", "-c", script, go_arg, TESTCLIENT, "hello", &a2, "--count", &count, "--alt", &b2,
+        ],
+    ));
+    let both_up = wait_until(Duration::from_secs(10), || {
+        !cgroup_procs(&command_cgroup_of(one.pid())).is_empty()
+            && !cgroup_procs(&command_cgroup_of(two.pid())).is_empty()
+    });
+    fs::write(&go, "").expect("creating the go file");
+    assert!(
+        both_up,
+        "the two COMMANDs never ran at the same time:\n{}\n{}",
+        one.stderr_now(),
+        two.stderr_now()
+    );
+    let out1 = one.finish(Duration::from_secs(60));
+    let out2 = two.finish(Duration::from_secs(60));
+    for (out, own, other) in [
+        (&out1, [&a1, &b1], [&a2, &b2]),
+        (&out2, [&a2, &b2], [&a1, &b1]),
+    ] {
+        assert_eq!(exit_code(out), 0, "{}", describe(out));
+        let log = stderr(out);
+        let t = targets(&log);
+        assert_eq!(t.len(), COUNT, "{}", tail(&log, 20));
+        assert!(
+            t.iter().all(|d| own.contains(&d)),
+            "connections to other servers than {own:?}: {:?}",
+            t.iter().filter(|d| !own.contains(d)).collect::<Vec<_>>()
+        );
+        for o in other {
+            assert!(!t.contains(o), "connections to {o} of the other run");
+        }
+        assert_eq!(
+            log.matches("Proxy connection established").count(),
+            COUNT,
+            "{}",
+            tail(&log, 20)
+        );
+    }
+    for s in &servers {
+        assert_eq!(s.wait_peers(COUNT / 2, LOG_TIMEOUT).len(), COUNT / 2);
+    }
+    let (l1, l2) = (listen_addrs(&stderr(&out1)), listen_addrs(&stderr(&out2)));
+    for a in &l1 {
+        assert!(
+            l2.iter().all(|b| b.port() != a.port() || b.ip() != a.ip()),
+            "both listened on {a}: {l1:?} {l2:?}"
+        );
+    }
+    assert_ne!(one.pid(), two.pid());
+    assert_nothing_left(one.pid(), &stderr(&out1), "first of two");
+    assert_nothing_left(two.pid(), &stderr(&out2), "second of two");
+}
+
+#[test]
+fn static_busybox_wget_is_proxied_through_socks5() {
+    require_root();
+    let busybox = need("busybox");
+    let real = fs::canonicalize(&busybox).unwrap_or(busybox.clone());
+    match is_statically_linked(&real) {
+        Ok(true) => {}
+        Ok(false) => panic!(
+            "{} is dynamically linked: this test needs the statically linked busybox \
+             (busybox-static; run scripts/deps.sh)",
+            real.display()
+        ),
+        Err(e) => panic!("{e}"),
+    }
+    let server = ServerProcess::testserver();
+    let socks = Peer::microsocks(None);
+    let url = format!("http://{}/", server.addr());
+    let (out, pid) = run_command(
+        &["-v", "-u", &socks.socks5_url()],
+        &[real.to_str().unwrap(), "wget", "-q", "-O", "-", &url],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    assert!(
+        stderr(&out).contains(&format!(
+            "Connecting to target {} via {}",
+            server.addr(),
+            socks.socks5_url()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    socks.wait_log(&format!("connected to {}", server.addr()));
+    assert_nothing_left(pid, &stderr(&out), "busybox wget");
+}
+
+#[test]
+fn user_option_runs_command_as_that_user_and_it_is_proxied() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::testserver();
+    let script = format!(
+        "id -u; id -g; id -G; curl -sS --noproxy '*' --max-time 10 http://{}/",
+        server.addr()
+    );
+    let (out, pid) = run_command(
+        &["--user", "nobody", "-v"],
+        &["sh", "-c", &script],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    let text = stdout(&out);
+    // uid, gid, and no supplementary group of root's left.
+    let ids: Vec<&str> = text.lines().take(3).collect();
+    let nobody_gid = ids.get(1).copied().unwrap_or("");
+    assert_eq!(ids.first(), Some(&"65534"), "{}", describe(&out));
+    assert_ne!(nobody_gid, "0", "{}", describe(&out));
+    let groups = ids.get(2).copied().unwrap_or("");
+    assert!(
+        groups.split_whitespace().any(|g| g == nobody_gid)
+            && !groups.split_whitespace().any(|g| g == "0"),
+        "supplementary groups {groups:?}: {}",
+        describe(&out)
+    );
+    assert_body_from(&text, server.addr());
+    assert!(
+        stderr(&out).contains("Proxy connection established, from 127.0.0.1:")
+            && stderr(&out).contains(&format!(" to {}", server.addr())),
+        "{}",
+        stderr(&out)
+    );
+    assert_nothing_left(pid, &stderr(&out), "--user nobody");
+
+    let dir = TempDir::new("no_such_user");
+    let marker = dir.path().join("ran");
+    let (out, pid) = run_command(
+        &["--user", "no_such_user"],
+        &["touch", marker.to_str().unwrap()],
+        RUN_TIMEOUT,
+    );
+    assert_eq!(exit_code(&out), 2, "{}", describe(&out));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", describe(&out));
+    assert!(stderr(&out).contains("no_such_user"), "{}", describe(&out));
+    assert!(!marker.exists(), "COMMAND ran without its user");
+    assert_nothing_left(pid, &stderr(&out), "--user no_such_user");
+}
+
+#[test]
+fn background_leftovers_are_waited_for_and_proxied_then_cgroup_removed() {
+    require_root();
+    need("sh");
+    need("curl");
+    let started = Instant::now();
+    let (out, pid) = run_command(&[], &["sh", "-c", "sleep 1 & exit 3"], RUN_TIMEOUT);
+    let took = started.elapsed();
+    assert_eq!(exit_code(&out), 3, "{}", describe(&out));
+    assert!(
+        took >= Duration::from_millis(900),
+        "ktproxy exited after {took:?}, before the background sleep 1 ended"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_nothing_left(pid, &stderr(&out), "sleep 1 &");
+
+    // A leftover that connects only after COMMAND exited is still proxied
+    // (and ktproxy waits past the 1 s its cgroup removal would retry).
+    let server = ServerProcess::testserver();
+    let script = format!(
+        "(sleep 1.5; curl -sS --noproxy '*' --max-time 10 http://{}/) & exit 4",
+        server.addr()
+    );
+    let started = Instant::now();
+    let (out, pid) = run_command(&["-v"], &["sh", "-c", &script], RUN_TIMEOUT);
+    let took = started.elapsed();
+    assert_eq!(exit_code(&out), 4, "{}", describe(&out));
+    assert!(took >= Duration::from_millis(1400), "took {took:?}");
+    assert_body_from(&stdout(&out), server.addr());
+    let log = stderr(&out);
+    assert!(
+        log.contains(&format!("Connecting to target {}", server.addr())),
+        "{log}"
+    );
+    assert!(log.contains("Proxy connection established"), "{log}");
+    assert_nothing_left(pid, &stderr(&out), "(sleep; curl) &");
+}
+
+/// "Ctrl-C or SIGTERM stops them": a SIGTERM to ktproxy while it waits
+/// for leftovers ends them, and ktproxy exits with COMMAND's status.
+#[test]
+fn sigterm_stops_background_leftovers() {
+    require_root();
+    need("sh");
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(&[], &["sh", "-c", "sleep 30 & exit 5"]));
+    let waiting = wait_until(Duration::from_secs(10), || {
+        run.stderr_now().contains("still run") || run.wait(Duration::ZERO).is_some()
+    });
+    assert!(
+        waiting && run.status.is_none(),
+        "ktproxy did not wait for the leftover sleep: {}",
+        run.stderr_now()
+    );
+    let left = cgroup_procs(&command_cgroup_of(run.pid()));
+    assert_eq!(left.len(), 1, "{left:?}");
+
+    let started = Instant::now();
+    signal(run.pid() as i32, libc::SIGTERM);
+    let status = run.wait(Duration::from_secs(2)).unwrap_or_else(|| {
+        panic!(
+            "ktproxy still running 2 s after SIGTERM: {}",
+            run.stderr_now()
+        )
+    });
+    eprintln!("leftovers stopped in {:?}", started.elapsed());
+    assert_eq!(status.code(), Some(5), "{status}: {}", run.stderr_now());
+    assert!(
+        !is_running(left[0]),
+        "the leftover sleep (pid {}) still runs",
+        left[0]
+    );
+    assert_nothing_left(run.pid(), &run.stderr_now(), "SIGTERM to leftovers");
+}
+
+/// Runs `ktproxy -- COMMAND` (which must end up running `sleep 30` in its
+/// cgroup), sends `sig` to ktproxy alone, and checks that ktproxy exits with
+/// 128+sig within 2 s, the sleep gone and its cgroups removed.
+fn signal_to_ktproxy_stops_the_command(sig: libc::c_int, command: &[&str]) {
+    require_root();
+    need("sleep");
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(&[], command));
+    let cmd_cgroup = command_cgroup_of(run.pid());
+    // Until COMMAND (or its child) has exec'd sleep inside its cgroup.
+    let mut sleeper = None;
+    let ready = wait_until(Duration::from_secs(10), || {
+        sleeper = cgroup_procs(&cmd_cgroup).into_iter().find(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        });
+        sleeper.is_some() || run.wait(Duration::ZERO).is_some()
+    });
+    let sleeper = sleeper.unwrap_or_else(|| {
+        panic!(
+            "sleep never ran in {} (ready {ready}): {}",
+            cmd_cgroup.display(),
+            run.stderr_now()
+        )
+    });
+
+    let started = Instant::now();
+    signal(run.pid() as i32, sig);
+    let status = run.wait(Duration::from_secs(2));
+    let took = started.elapsed();
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "{command:?}: ktproxy still running 2 s after signal {sig}; in {}: {:?}; log: {}",
+            cmd_cgroup.display(),
+            cgroup_procs(&cmd_cgroup)
+                .iter()
+                .map(|p| fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .unwrap_or_default()
+                    .replace('\0', " "))
+                .collect::<Vec<_>>(),
+            run.stderr_now()
+        )
+    });
+    assert_eq!(
+        status.code(),
+        Some(128 + sig),
+        "{command:?}: ktproxy exited with {status} after signal {sig}: {}",
+        run.stderr_now()
+    );
+    eprintln!("signal {sig}, {command:?}: ktproxy and sleep gone in {took:?}");
+    assert!(!is_running(sleeper), "sleep (pid {sleeper}) still runs");
+    assert_nothing_left(run.pid(), &run.stderr_now(), &format!("signal {sig}"));
+}
+
+#[test]
+fn sigterm_to_ktproxy_is_passed_on_to_the_command() {
+    signal_to_ktproxy_stops_the_command(libc::SIGTERM, &["sleep", "30"]);
+}
+
+#[test]
+fn sigint_and_sighup_to_ktproxy_are_passed_on_to_the_command() {
+    signal_to_ktproxy_stops_the_command(libc::SIGINT, &["sleep", "30"]);
+    signal_to_ktproxy_stops_the_command(libc::SIGHUP, &["sleep", "30"]);
+}
+
+/// `kill <ktproxy>` (systemd, timeout(1), a CI job being cancelled) means
+/// "stop". When COMMAND is a shell that is waiting for a child, passing the
+/// signal to the shell alone kills the shell but leaves the child running:
+/// ktproxy must not then keep waiting for it (here, 30 s).
+#[test]
+fn sigterm_to_ktproxy_stops_a_shell_command_and_its_child() {
+    need("sh");
+    signal_to_ktproxy_stops_the_command(libc::SIGTERM, &["sh", "-c", "sleep 30; true"]);
+}
+
+// ---- upstream proxies ------------------------------------------------------------
+
+#[test]
+fn socks5_microsocks_connects_to_the_original_destination() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::testserver();
+    let socks = Peer::microsocks(None);
+    let command = curl_command(&format!("http://{}/", server.addr()));
+    let command = as_strs(&command);
+    let (out, pid) = run_command(&["-v", "-u", &socks.socks5_url()], &command, RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    let log = stderr(&out);
+    assert!(
+        log.contains(&format!(
+            "Connecting to target {} via {}",
+            server.addr(),
+            socks.socks5_url()
+        )),
+        "{log}"
+    );
+    assert!(log.contains("Proxy connection established"), "{log}");
+    socks.wait_log(&format!("connected to {}", server.addr()));
+    assert_nothing_left(pid, &stderr(&out), "socks5");
+
+    // Without -v, nothing from ktproxy: in particular no warning about the
+    // upstream being on this machine (it runs outside COMMAND's cgroup).
+    let (out, pid) = run_command(&["-u", &socks.socks5_url()], &command, RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    assert_eq!(stderr(&out), "", "{}", describe(&out));
+    assert_nothing_left(pid, &stderr(&out), "socks5 quiet");
+}
+
+#[test]
+fn socks5_username_password_right_works_wrong_resets_the_client() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::testserver();
+    let socks = Peer::microsocks(Some(("user", "pass")));
+    let url = format!("http://{}/", server.addr());
+    let command = curl_command(&url);
+    let command = as_strs(&command);
+
+    let good = format!("socks5://user:pass@{}", socks.addr);
+    let (out, _) = run_command(&["-v", "-u", &good], &command, RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    socks.wait_log(&format!("connected to {}", server.addr()));
+    assert!(
+        !stderr(&out).contains("user:pass"),
+        "the password is in the log: {}",
+        stderr(&out)
+    );
+
+    let bad = format!("socks5://user:wrong@{}", socks.addr);
+    let started = Instant::now();
+    let (out, pid) = run_command(&["-v", "-u", &bad], &command, RUN_TIMEOUT);
+    assert_ne!(exit_code(&out), 0, "curl succeeded: {}", describe(&out));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!stdout(&out).contains("Hello from"), "{}", describe(&out));
+    let log = stderr(&out);
+    assert!(log.contains("rejected the username/password"), "{log}");
+    assert!(log.contains("resetting the client"), "{log}");
+    assert!(!log.contains("wrong"), "the password is in the log: {log}");
+    assert_nothing_left(pid, &stderr(&out), "wrong password");
+}
+
+/// microsocks started with -u/-P answers a client that offers only "no
+/// authentication" with 0xFF (no acceptable method), as RFC 1928 says.
+/// The log should then say that the proxy requires authentication (and so
+/// that credentials belong in the URL), not only that it accepted none of
+/// the offered methods.
+#[test]
+fn socks5_without_credentials_to_an_auth_proxy_logs_requires_authentication() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::testserver();
+    let socks = Peer::microsocks(Some(("user", "pass")));
+    let command = curl_command(&format!("http://{}/", server.addr()));
+    let command = as_strs(&command);
+    let (out, pid) = run_command(&["-v", "-u", &socks.socks5_url()], &command, RUN_TIMEOUT);
+    assert_ne!(exit_code(&out), 0, "curl succeeded: {}", describe(&out));
+    let log = stderr(&out);
+    assert!(log.contains("resetting the client"), "{log}");
+    assert_nothing_left(pid, &stderr(&out), "no credentials");
+    assert!(
+        log.contains("requires authentication"),
+        "a SOCKS5 proxy that needs a username/password, dialed without one, should be \
+         reported as requiring authentication:\n{}",
+        log.lines()
+            .filter(|l| l.contains("WARN"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn http_connect_through_tinyproxy_works_and_403_is_reported() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::testserver();
+    let elsewhere = ServerProcess::testserver();
+    let http = Peer::tinyproxy(server.addr().port(), None);
+    let up = format!("http://{}", http.addr);
+
+    let command = curl_command(&format!("http://{}/", server.addr()));
+    let command = as_strs(&command);
+    let (out, pid) = run_command(&["-v", "-u", &up], &command, RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    assert!(
+        stderr(&out).contains(&format!("Connecting to target {} via {up}", server.addr())),
+        "{}",
+        stderr(&out)
+    );
+    http.wait_log(&format!("CONNECT {}", server.addr()));
+    assert_nothing_left(pid, &stderr(&out), "tinyproxy");
+
+    // Not a ConnectPort: tinyproxy refuses with 403.
+    let command = curl_command(&format!("http://{}/", elsewhere.addr()));
+    let command = as_strs(&command);
+    let (out, pid) = run_command(&["-v", "-u", &up], &command, RUN_TIMEOUT);
+    assert_ne!(exit_code(&out), 0, "curl succeeded: {}", describe(&out));
+    let log = stderr(&out);
+    assert!(log.contains("answered 403"), "{log}");
+    assert!(log.contains("resetting the client"), "{log}");
+    http.wait_log(&format!("CONNECT {}", elsewhere.addr()));
+    assert_nothing_left(pid, &stderr(&out), "tinyproxy 403");
+}
+
+#[test]
+fn http_connect_basic_auth_right_works_wrong_or_missing_is_refused() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::testserver();
+    let http = Peer::tinyproxy(server.addr().port(), Some(("user", "pass")));
+    let command = curl_command(&format!("http://{}/", server.addr()));
+    let command = as_strs(&command);
+
+    let good = format!("http://user:pass@{}", http.addr);
+    let (out, pid) = run_command(&["-v", "-u", &good], &command, RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    http.wait_log(&format!("CONNECT {}", server.addr()));
+    assert!(
+        !stderr(&out).contains("user:pass"),
+        "the password is in the log: {}",
+        stderr(&out)
+    );
+    assert_nothing_left(pid, &stderr(&out), "right credentials");
+
+    // No credentials: 407, and ktproxy says none were given.
+    let bare = format!("http://{}", http.addr);
+    let (out, pid) = run_command(&["-v", "-u", &bare], &command, RUN_TIMEOUT);
+    assert_ne!(exit_code(&out), 0, "curl succeeded: {}", describe(&out));
+    let log = stderr(&out);
+    assert!(
+        log.contains("answered 407 Proxy Authentication Required (no credentials were given)"),
+        "{log}"
+    );
+    assert!(log.contains("resetting the client"), "{log}");
+    assert_nothing_left(pid, &stderr(&out), "no credentials");
+
+    // Wrong password: tinyproxy 1.11 answers a wrong Proxy-Authorization
+    // with 401 Unauthorized (a missing one with 407); ktproxy reports
+    // whichever it got and resets the client.
+    let wrong = format!("http://user:wrong@{}", http.addr);
+    let (out, pid) = run_command(&["-v", "-u", &wrong], &command, RUN_TIMEOUT);
+    assert_ne!(exit_code(&out), 0, "curl succeeded: {}", describe(&out));
+    let log = stderr(&out);
+    assert!(
+        log.contains("answered 407 Proxy Authentication Required (the credentials were rejected)")
+            || log.contains("answered 401"),
+        "{log}"
+    );
+    assert!(log.contains("resetting the client"), "{log}");
+    assert!(!log.contains("wrong"), "the password is in the log: {log}");
+    assert_nothing_left(pid, &stderr(&out), "wrong password");
+}
+
+#[test]
+fn ipv6_destination_through_socks5_and_http_reaches_the_ipv6_server() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::start(Command::new(TESTSERVER).args(["-l", "[::1]:0"]), 1);
+    assert!(server.addr().is_ipv6());
+    let command = curl_command(&format!("http://{}/", server.addr()));
+    let command = as_strs(&command);
+
+    // SOCKS5 on 127.0.0.1 (ATYP 4), then SOCKS5 itself on [::1].
+    for socks in [
+        Peer::microsocks(None),
+        Peer::microsocks_on(IpAddr::V6(Ipv6Addr::LOCALHOST), None),
+    ] {
+        let up = socks.socks5_url();
+        let (out, pid) = run_command(&["-v", "-u", &up], &command, RUN_TIMEOUT);
+        assert_eq!(exit_code(&out), 0, "{up}: {}", describe(&out));
+        assert_body_from(&stdout(&out), server.addr());
+        assert!(
+            stderr(&out).contains(&format!("Connecting to target {} via {up}", server.addr())),
+            "{}",
+            stderr(&out)
+        );
+        // microsocks prints IPv6 destinations without brackets.
+        socks.wait_log(&format!("connected to ::1:{}", server.addr().port()));
+        assert_nothing_left(pid, &stderr(&out), "IPv6 via socks5");
+    }
+
+    let http = Peer::tinyproxy(server.addr().port(), None);
+    let up = format!("http://{}", http.addr);
+    let (out, pid) = run_command(&["-v", "-u", &up], &command, RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert_body_from(&stdout(&out), server.addr());
+    http.wait_log(&format!("CONNECT {} HTTP/1.1", server.addr()));
+    assert_nothing_left(pid, &stderr(&out), "IPv6 via HTTP CONNECT");
+}
+
+#[test]
+fn unreachable_upstream_resets_the_client_promptly() {
+    require_root();
+    need("curl");
+    let server = ServerProcess::testserver();
+    let dead = format!("socks5://127.0.0.1:{}", unused_port());
+    let command = curl_command(&format!("http://{}/", server.addr()));
+    let command = as_strs(&command);
+    let started = Instant::now();
+    let (out, pid) = run_command(&["-v", "-u", &dead], &command, RUN_TIMEOUT);
+    let took = started.elapsed();
+    // The reset reaches curl while it connects (7) or once it has sent the
+    // request (56); an empty reply (52) would be a clean close instead.
+    let code = exit_code(&out);
+    assert!(
+        code == 7 || code == 56,
+        "curl should see a reset (exit 7 or 56): {}",
+        describe(&out)
+    );
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    let log = stderr(&out);
+    assert!(log.contains("unreachable"), "{log}");
+    assert!(log.contains("Connection refused"), "{log}");
+    assert!(log.contains(&dead), "{log}");
+    assert_nothing_left(pid, &stderr(&out), "unreachable upstream");
+}
+
+#[test]
+fn bad_upstream_urls_exit_with_one_line_and_leave_nothing() {
+    require_root();
+    let cases: [(&str, i32, &str); 4] = [
+        ("socks4://x:1", 2, "scheme must be socks5 or http"),
+        ("socks5://127.0.0.1", 2, "missing port"),
+        ("http://[::1:80", 2, "missing ']'"),
+        (
+            "socks5://nope.invalid:1080",
+            1,
+            "cannot resolve host 'nope.invalid'",
+        ),
+    ];
+    let dir = TempDir::new("bad_urls");
+    let marker = dir.path().join("ran");
+    for (url, want, reason) in cases {
+        let (out, pid) = run_command(
+            &["-u", url],
+            &["touch", marker.to_str().unwrap()],
+            Duration::from_secs(20),
+        );
+        assert_eq!(exit_code(&out), want, "{url}: {}", describe(&out));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{url}: {}", describe(&out));
+        assert!(err.contains("-u/--upstream"), "{url}: {err}");
+        assert!(err.contains(reason), "{url}: {err}");
+        assert!(!marker.exists(), "{url}: COMMAND ran");
+        assert_nothing_left(pid, &stderr(&out), url);
+    }
+}
