@@ -225,9 +225,13 @@ pub fn dial(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
             format!("no answer within {:.1} s", timeout.as_secs_f64()),
         ));
     }
+    // Only a failed connect raises POLLERR/POLLHUP: ask for the reason then.
+    if pfd[0].revents & (libc::POLLERR | libc::POLLHUP) == 0 {
+        return Ok(stream);
+    }
     match stream.take_error()? {
         Some(e) => Err(e),
-        None => Ok(stream),
+        None => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connect failed")),
     }
 }
 
