@@ -231,7 +231,10 @@ pub fn dial(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     }
     match stream.take_error()? {
         Some(e) => Err(e),
-        None => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "connect failed")),
+        None => Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "connect failed",
+        )),
     }
 }
 
