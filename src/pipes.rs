@@ -8,12 +8,24 @@ use std::sync::Mutex;
 
 use crate::sys;
 
+/// Bigger than the default 64 KiB: bulk transfers then need fewer splice
+/// calls and wake-ups (measured with iperf3 on loopback: ~0.58 of direct
+/// throughput with 64 KiB pipes, ~0.70-0.77 with 256 KiB; 512 KiB and 1 MiB
+/// were no better). A pipe holds pages only while bytes are in it.
+const PIPE_SIZE: libc::c_int = 256 * 1024;
+
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    capacity: usize,
 }
 
 impl Pipe {
+    /// How many bytes one splice into this pipe can take.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn read_fd(&self) -> RawFd {
         self.read.as_raw_fd()
     }
@@ -43,7 +55,14 @@ impl PipePool {
             return Ok(p);
         }
         let (read, write) = sys::pipe()?;
-        Ok(Pipe { read, write })
+        // Beyond fs.pipe-max-size an unprivileged process is refused; then
+        // the default size does.
+        let capacity = sys::set_pipe_size(write.as_raw_fd(), PIPE_SIZE).unwrap_or(64 * 1024);
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
     }
 
     /// Only for empty pipes: leftover bytes would leak into another

@@ -14,9 +14,6 @@ use log::trace;
 use crate::pipes::{Pipe, PipePool};
 use crate::sys;
 
-/// Bytes per splice call: the default pipe capacity.
-const CHUNK: usize = 64 * 1024;
-
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Totals {
     /// client → target
@@ -92,7 +89,7 @@ impl Half {
                 return Ok(Wait::Readable);
             }
             let pipe = pipes.take()?;
-            let n = sys::splice(self.from, pipe.write_fd(), CHUNK);
+            let n = sys::splice(self.from, pipe.write_fd(), pipe.capacity());
             trace!("{} splice {}->pipe: {:?}", self.name, self.from, n);
             match n {
                 Ok(0) => {
@@ -107,7 +104,7 @@ impl Half {
                 Ok(n) => {
                     // A short read drained the socket: the next read would
                     // only say EAGAIN, so leave it to poll to say when.
-                    self.readable = n == CHUNK;
+                    self.readable = n == pipe.capacity();
                     self.buffered = n;
                     self.pipe = Some(pipe);
                 }

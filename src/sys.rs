@@ -325,6 +325,12 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// F_SETPIPE_SZ; returns the size the kernel actually gave.
+pub fn set_pipe_size(fd: RawFd, size: libc::c_int) -> io::Result<usize> {
+    // SAFETY: plain fcntl on a pipe the caller owns.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) }).map(|n| n as usize)
+}
+
 pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
     // SAFETY: plain syscall on a descriptor the caller owns.
     cvt(unsafe { libc::shutdown(fd, libc::SHUT_WR) }).map(drop)
