@@ -465,14 +465,17 @@ fail_or_warn() {
 # ---- workload 5: idle connections ------------------------------------------------
 
 # mem_snap PID: "PSS_KIB FDS THREADS KERNEL_KIB" (proxy figures 0 without PID).
+# The kernel figure is read first: listing /proc/PID/fd makes the kernel
+# create a proc inode and dentry per descriptor (~0.9 KiB each), which would
+# otherwise be charged to the proxy.
 mem_snap() {
 	local pid=$1 pss=0 fds=0 threads=0 kern
+	kern=$(awk '/^(KernelStack|PageTables|SUnreclaim|SReclaimable):/ {s += $2} END {print s}' /proc/meminfo)
 	if [[ -n $pid ]]; then
 		pss=$(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")
 		fds=$(fd_count "$pid")
 		threads=$(awk '/^Threads:/ {print $2}' "/proc/$pid/status")
 	fi
-	kern=$(awk '/^(KernelStack|PageTables|SUnreclaim|SReclaimable):/ {s += $2} END {print s}' /proc/meminfo)
 	echo "$pss $fds $threads $kern"
 }
 
