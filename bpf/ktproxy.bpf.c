@@ -44,6 +44,13 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
 /* A load clang may neither merge nor move (see its uses). */
 #define READ(field) (*(volatile typeof(field) *)&(field))
+#define READ_IP6(to, from)                 \
+	do {                               \
+		(to)[0] = READ((from)[0]); \
+		(to)[1] = READ((from)[1]); \
+		(to)[2] = READ((from)[2]); \
+		(to)[3] = READ((from)[3]); \
+	} while (0)
 
 /* ---- configuration, written by src/bpf.rs before load() ---------------- */
 
@@ -418,14 +425,8 @@ int ktproxy_sockops_client(struct bpf_sock_ops *skops)
 	 * otherwise pick the field per family with pointer arithmetic on ctx,
 	 * which the verifier rejects ("dereference of modified ctx ptr"). */
 	if (skops->family == AF_INET6) {
-		local[0] = READ(skops->local_ip6[0]);
-		local[1] = READ(skops->local_ip6[1]);
-		local[2] = READ(skops->local_ip6[2]);
-		local[3] = READ(skops->local_ip6[3]);
-		remote[0] = READ(skops->remote_ip6[0]);
-		remote[1] = READ(skops->remote_ip6[1]);
-		remote[2] = READ(skops->remote_ip6[2]);
-		remote[3] = READ(skops->remote_ip6[3]);
+		READ_IP6(local, skops->local_ip6);
+		READ_IP6(remote, skops->remote_ip6);
 	} else {
 		local[0] = READ(skops->local_ip4);
 		remote[0] = READ(skops->remote_ip4);
@@ -451,14 +452,8 @@ static __always_inline struct orig_dst *accepted_orig_dst(struct bpf_sock *sk)
 	if (dst)
 		return dst;
 	if (sk->family == AF_INET6) {
-		local[0] = READ(sk->src_ip6[0]);
-		local[1] = READ(sk->src_ip6[1]);
-		local[2] = READ(sk->src_ip6[2]);
-		local[3] = READ(sk->src_ip6[3]);
-		remote[0] = READ(sk->dst_ip6[0]);
-		remote[1] = READ(sk->dst_ip6[1]);
-		remote[2] = READ(sk->dst_ip6[2]);
-		remote[3] = READ(sk->dst_ip6[3]);
+		READ_IP6(local, sk->src_ip6);
+		READ_IP6(remote, sk->dst_ip6);
 	} else {
 		local[0] = READ(sk->src_ip4);
 		remote[0] = READ(sk->dst_ip4);
