@@ -227,7 +227,8 @@ pub fn ip6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
 static LIBBPF_LOG: Mutex<String> = Mutex::new(String::new());
 
 fn record_libbpf(level: PrintLevel, msg: String) {
-    log::trace!("libbpf: {}", msg.trim_end());
+    // libbpf prefixes its own lines with "libbpf: ".
+    log::trace!("{}", msg.trim_end());
     if level <= PrintLevel::Info {
         if let Ok(mut buf) = LIBBPF_LOG.lock() {
             buf.push_str(&msg);
@@ -236,7 +237,7 @@ fn record_libbpf(level: PrintLevel, msg: String) {
 }
 
 fn forward_libbpf(_level: PrintLevel, msg: String) {
-    log::debug!("libbpf: {}", msg.trim_end());
+    log::debug!("{}", msg.trim_end());
 }
 
 /// While loading, keep what libbpf says (the verifier log comes this way);

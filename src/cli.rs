@@ -118,7 +118,7 @@ fn options() -> Options {
         "v",
         "verbose",
         "more logging (-vv for per-syscall tracing; with COMMAND, where the default is \
-         warnings only, -v shows connections)",
+         warnings only, -v shows connections and -vvv traces)",
     );
     o.optflag("q", "quiet", "log warnings and errors only");
     o.optflag("h", "help", "print this help");

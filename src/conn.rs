@@ -93,7 +93,7 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
     };
     info!("#{id} Proxy connection established, from {peer} to {dst}");
 
-    let (totals, err) = relay(&client, &target, &shared.pipes);
+    let (totals, err) = relay(id, &client, &target, &shared.pipes);
     let secs = started.elapsed().as_secs_f64();
     match err {
         None => info!(

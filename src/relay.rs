@@ -33,6 +33,8 @@ enum Wait {
 struct Half {
     from: RawFd,
     to: RawFd,
+    /// For -vv traces: "#7 up".
+    id: u64,
     name: &'static str,
     /// Holds `buffered` bytes read from `from` and not yet written to `to`.
     pipe: Option<Pipe>,
@@ -44,10 +46,11 @@ struct Half {
 }
 
 impl Half {
-    fn new(from: RawFd, to: RawFd, name: &'static str, readable: bool) -> Half {
+    fn new(id: u64, from: RawFd, to: RawFd, name: &'static str, readable: bool) -> Half {
         Half {
             from,
             to,
+            id,
             name,
             pipe: None,
             buffered: 0,
@@ -63,7 +66,13 @@ impl Half {
             if let Some(pipe) = &self.pipe {
                 if self.buffered > 0 {
                     let n = sys::splice(pipe.read_fd(), self.to, self.buffered);
-                    trace!("{} splice pipe->{}: {:?}", self.name, self.to, n);
+                    trace!(
+                        "#{} {}: splice(pipe, {}) = {:?}",
+                        self.id,
+                        self.name,
+                        self.to,
+                        n
+                    );
                     match n {
                         // A socket that takes nothing would have us spin.
                         Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -90,7 +99,13 @@ impl Half {
             }
             let pipe = pipes.take()?;
             let n = sys::splice(self.from, pipe.write_fd(), pipe.capacity());
-            trace!("{} splice {}->pipe: {:?}", self.name, self.from, n);
+            trace!(
+                "#{} {}: splice({}, pipe) = {:?}",
+                self.id,
+                self.name,
+                self.from,
+                n
+            );
             match n {
                 Ok(0) => {
                     pipes.give_back(pipe);
@@ -98,7 +113,13 @@ impl Half {
                     // Forward the half-close. ENOTCONN: the peer is gone
                     // already, which the other direction will report.
                     let r = sys::shutdown_write(self.to);
-                    trace!("{} shutdown({}, SHUT_WR): {:?}", self.name, self.to, r);
+                    trace!(
+                        "#{} {}: shutdown({}, SHUT_WR) = {:?}",
+                        self.id,
+                        self.name,
+                        self.to,
+                        r
+                    );
                     return Ok(Wait::Done);
                 }
                 Ok(n) => {
@@ -123,8 +144,9 @@ impl Half {
 }
 
 /// Relays until both directions are done. On error, returns the totals so far
-/// with the error; the caller resets both sockets.
+/// with the error; the caller resets both sockets. `id` labels -vv traces.
 pub fn relay(
+    id: u64,
     client: &TcpStream,
     target: &TcpStream,
     pipes: &PipePool,
@@ -132,8 +154,8 @@ pub fn relay(
     let (c, t) = (client.as_raw_fd(), target.as_raw_fd());
     // The client has usually sent its request already; the target has not
     // said anything yet, so do not spend a pipe asking it.
-    let mut up = Half::new(c, t, "up", true);
-    let mut down = Half::new(t, c, "down", false);
+    let mut up = Half::new(id, c, t, "up", true);
+    let mut down = Half::new(id, t, c, "down", false);
     let err = run(&mut up, &mut down, pipes).err();
     (
         Totals {
@@ -172,7 +194,8 @@ fn run(up: &mut Half, down: &mut Half, pipes: &PipePool) -> io::Result<()> {
         ];
         sys::poll(&mut fds, -1)?;
         trace!(
-            "poll: client {:#x} target {:#x}",
+            "#{} poll: client revents {:#x}, target revents {:#x}",
+            up.id,
             fds[0].revents,
             fds[1].revents
         );
@@ -209,7 +232,7 @@ mod tests {
         relay_t.set_nonblocking(true).unwrap();
         let h = thread::spawn(move || {
             let pool = PipePool::new(4);
-            relay(&relay_c, &relay_t, &pool)
+            relay(0, &relay_c, &relay_t, &pool)
         });
         f(client, server);
         h.join().unwrap()
