@@ -59,6 +59,10 @@ fn spawn(pool: &Arc<Acceptors>) -> io::Result<()> {
     extern "C" fn start(arg: *mut libc::c_void) -> *mut libc::c_void {
         // SAFETY: `arg` is the Arc leaked by spawn() for this thread.
         let pool = unsafe { Arc::from_raw(arg as *const Acceptors) };
+        // For `top -H` and `ps -L`; from inside the thread it is one prctl
+        // (pthread_setname_np on another thread opens a /proc file).
+        // SAFETY: a static NUL-terminated name.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c"ktproxy-conn".as_ptr()) };
         // Unwinding out of an extern "C" function would abort the process.
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| accept_loop(&pool))).is_err() {
             log::error!("a connection thread panicked; its connection was dropped");
@@ -79,10 +83,7 @@ fn spawn(pool: &Arc<Acceptors>) -> io::Result<()> {
         let mut tid: libc::pthread_t = 0;
         let r = libc::pthread_create(&mut tid, &attr, start, arg);
         libc::pthread_attr_destroy(&mut attr);
-        if r == 0 {
-            // For `top -H` and `ps -L`; failure is harmless.
-            libc::pthread_setname_np(tid, c"ktproxy-conn".as_ptr());
-        } else {
+        if r != 0 {
             drop(Arc::from_raw(arg as *const Acceptors));
         }
         r
