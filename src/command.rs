@@ -64,6 +64,8 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
     let mut cmd = Command::new(prog);
     cmd.args(args);
     let mut creds = None;
+    // SAFETY: getpid cannot fail.
+    let ktproxy_pid = unsafe { libc::getpid() };
     if let Some(u) = user {
         cmd.env("HOME", &u.home)
             .env("USER", &u.name)
@@ -71,8 +73,8 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
         creds = Some((u.uid, u.gid, u.groups.clone()));
     }
     // SAFETY: the closure runs between fork and exec and makes only
-    // async-signal-safe calls (write, setgroups, setgid, setuid,
-    // pthread_sigmask) on data prepared before the fork.
+    // async-signal-safe calls (write, setgroups, setgid, setuid, prctl,
+    // getppid, pthread_sigmask) on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             // "0" means the writing process itself.
@@ -87,6 +89,16 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
                 {
                     return Err(io::Error::last_os_error());
                 }
+            }
+            // If ktproxy dies (even kill -9), the redirect is gone and
+            // COMMAND's connections would go out unproxied: COMMAND gets
+            // SIGTERM instead. Set after setuid, which clears it; the getppid
+            // check closes the race with a ktproxy that died just now.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != ktproxy_pid {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             // ktproxy blocks the signals it waits for; COMMAND must not
             // inherit that.

@@ -1071,6 +1071,34 @@ fn sigterm_to_ktproxy_stops_a_shell_command_and_its_child() {
     signal_to_ktproxy_stops_the_command(libc::SIGTERM, &["sh", "-c", "sleep 30; true"]);
 }
 
+/// Without ktproxy the redirect is gone: COMMAND must not carry on with its
+/// connections going out unproxied. kill -9 gives ktproxy no chance to do
+/// anything, so this rests on the kernel's parent-death signal.
+#[test]
+fn kill_9_of_ktproxy_terminates_the_command() {
+    require_root();
+    need("sleep");
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(&[], &["sleep", "30"]));
+    let cmd_cgroup = command_cgroup_of(run.pid());
+    let mut sleeper = None;
+    wait_until(Duration::from_secs(10), || {
+        sleeper = cgroup_procs(&cmd_cgroup).into_iter().find(|p| {
+            fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        });
+        sleeper.is_some()
+    });
+    let sleeper = sleeper.unwrap_or_else(|| panic!("sleep never ran: {}", run.stderr_now()));
+    signal(run.pid() as i32, libc::SIGKILL);
+    assert!(
+        run.wait(Duration::from_secs(2)).is_some(),
+        "ktproxy survived SIGKILL"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || !is_running(sleeper)),
+        "COMMAND (sleep, pid {sleeper}) outlived the killed ktproxy"
+    );
+}
+
 // ---- upstream proxies ------------------------------------------------------------
 
 #[test]
