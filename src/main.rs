@@ -115,7 +115,10 @@ fn run(cfg: Config) -> Result<i32> {
         .map(|l| l.local_addr())
         .collect::<std::io::Result<_>>()
         .context("reading the listen address")?;
-    let netns_cookie = sys::netns_cookie(listeners[0].as_raw_fd())
+    let first = listeners
+        .first()
+        .ok_or_else(|| Error::new("no listen address could be bound"))?;
+    let netns_cookie = sys::netns_cookie(first.as_raw_fd())
         .context("reading the network namespace cookie (SO_NETNS_COOKIE needs Linux >= 5.14)")?;
 
     let kcfg = bpf::KernelConfig {
