@@ -397,6 +397,91 @@ fn sigint_exits_0_within_2s_with_connections_open_and_detaches() {
     exits_0_within_2s_with_connections_open(libc::SIGINT, "sigint");
 }
 
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    n(14) + n(15)
+}
+
+#[test]
+fn running_out_of_file_descriptors_neither_spins_nor_stops_the_accept_loop() {
+    require_root();
+    let cg = TestCgroup::new("emfile");
+    let echo = EchoServer::start();
+    // About 28 descriptors go to the BPF objects, listener and stdio: this
+    // leaves room for a handful of connections.
+    let proxy = Proxy::start_with(&cg, &[], |cmd| {
+        // SAFETY: setrlimit is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                let rl = libc::rlimit {
+                    rlim_cur: 40,
+                    rlim_max: 40,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    // 30 connections held open from the cgroup: more than ktproxy can take.
+    let script = format!(
+        "import socket, sys, time\n\
+         held = [socket.create_connection(('{}', {}), timeout=5) for _ in range(30)]\n\
+         print('held', len(held), flush=True)\n\
+         sys.stdin.read()\n",
+        echo.addr().ip(),
+        echo.addr().port()
+    );
+    let mut holder = KillOnDrop::spawn(
+        cg.command("python3")
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    proxy.wait_log("Too many open files", LOG_TIMEOUT);
+
+    // Out of descriptors with connections waiting: a loop that retried at
+    // once would burn a whole CPU.
+    let t0 = cpu_ticks(proxy.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(proxy.pid()) - t0;
+    // SAFETY: sysconf cannot fail for _SC_CLK_TCK.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    assert!(
+        used * 10 < hz * 2,
+        "ktproxy used {used} ticks (of {hz} per second) while out of descriptors: spinning?\n{}",
+        tail(&proxy.log(), 20)
+    );
+
+    // Once the held connections close, ktproxy serves new ones again.
+    drop(holder.0.stdin.take());
+    let recovered = wait_until(Duration::from_secs(10), || {
+        cg.run(
+            TESTCLIENT,
+            &["echo", &echo.addr().to_string(), "--bytes", "1000"],
+            CLIENT_TIMEOUT,
+        )
+        .status
+        .success()
+    });
+    assert!(
+        recovered,
+        "no connection got through after the descriptors were freed:\n{}",
+        tail(&proxy.log(), 20)
+    );
+}
+
 // ---- bad input --------------------------------------------------------------------------
 
 /// Runs a ktproxy that must refuse to start. Checks what every refusal must

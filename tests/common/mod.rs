@@ -499,11 +499,22 @@ impl<'a> Proxy<'a> {
     /// Starts ktproxy (see `ktproxy_command`) and waits for its ready line
     /// (an info-level message: not with `-q`).
     pub fn start(cg: &'a TestCgroup, extra: &[&str]) -> Proxy<'a> {
+        Proxy::start_with(cg, extra, |_| {})
+    }
+
+    /// `start`, with `customize` applied to the command first (e.g. a
+    /// `pre_exec` that lowers a resource limit).
+    pub fn start_with(
+        cg: &'a TestCgroup,
+        extra: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> Proxy<'a> {
         let dir = TempDir::new("ktproxy");
         let log_path = dir.path().join("ktproxy.log");
         // A file, not a pipe: a pipe nobody drains would block ktproxy.
         let log = File::create(&log_path).expect("creating the ktproxy log");
         let mut cmd = ktproxy_command(cg, extra);
+        customize(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
