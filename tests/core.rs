@@ -10,6 +10,7 @@ mod common;
 
 use std::io::{ErrorKind, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -230,6 +231,41 @@ fn refused_target_resets_the_client_promptly() {
     assert!(proxy
         .log()
         .contains(&format!("Connecting to target {dead}")));
+}
+
+#[test]
+fn unanswered_target_resets_the_client_after_the_connect_timeout() {
+    require_root();
+    let cg = TestCgroup::new("silent_target");
+    // A listener whose accept queue is full drops further SYNs: a
+    // destination that does not answer, without leaving loopback.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) again on a listening socket only resizes its queue.
+    assert_eq!(unsafe { libc::listen(silent.as_raw_fd(), 0) }, 0);
+    let target = silent.local_addr().unwrap();
+    // One connection fills a queue of length 0; the second attempt only
+    // confirms that SYNs are now dropped.
+    let _queued = TcpStream::connect_timeout(&target, Duration::from_secs(2)).unwrap();
+    assert!(TcpStream::connect_timeout(&target, Duration::from_millis(300)).is_err());
+    let proxy = Proxy::start(&cg, &["--connect-timeout", "0.5"]);
+
+    let started = Instant::now();
+    let out = cg.run(
+        TESTCLIENT,
+        &["expect-reset", &target.to_string(), "--within", "3000"],
+        CLIENT_TIMEOUT,
+    );
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "testclient expect-reset: {}",
+        describe(&out)
+    );
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(2),
+        "reset after {took:?}, expected about the 0.5 s connect timeout"
+    );
+    proxy.wait_log("no answer within 0.5 s", LOG_TIMEOUT);
 }
 
 // ---- what is not intercepted ---------------------------------------------------------
