@@ -33,7 +33,9 @@ impl Shared {
         upstream: Option<Upstream>,
     ) -> Shared {
         Shared {
-            pipes: PipePool::new(1024),
+            // Enough for every connection with bytes in flight at once on
+            // a busy machine; each pooled pipe holds two descriptors.
+            pipes: PipePool::new(64),
             connect_timeout,
             listen,
             upstream,
@@ -76,7 +78,12 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
     let target = match &shared.upstream {
         None => {
             info!("#{id} Connecting to target {dst}");
-            sys::dial(&dst, shared.connect_timeout).map_err(|e| io_text(&e))
+            sys::dial(&dst, shared.connect_timeout).map_err(|e| {
+                if sys::out_of_descriptors(&e) {
+                    shared.pipes.release_all();
+                }
+                io_text(&e)
+            })
         }
         Some(up) => {
             info!("#{id} Connecting to target {dst} via {}", up.display());

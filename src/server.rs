@@ -114,6 +114,9 @@ fn accept_loop(pool: &Arc<Acceptors>) {
                 }
             }
             Err(e) => {
+                if sys::out_of_descriptors(&e) {
+                    pool.shared.pipes.release_all();
+                }
                 if let Some(pause) = accept_error_pause(&e) {
                     // Out of descriptors or memory: the connection stays in
                     // the backlog, so retrying at once would spin.

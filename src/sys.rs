@@ -238,6 +238,11 @@ pub fn dial(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     }
 }
 
+/// EMFILE or ENFILE: the process or the system has no descriptor left.
+pub fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 /// Nagle plus delayed ACKs stalls request/response traffic by ~40 ms.
 pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
     setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
