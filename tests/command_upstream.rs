@@ -31,18 +31,6 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a peer's log line may take to appear.
 const LOG_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Variables that would make curl & co. use a configured proxy themselves.
-const PROXY_ENV: [&str; 8] = [
-    "http_proxy",
-    "https_proxy",
-    "all_proxy",
-    "no_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-];
-
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

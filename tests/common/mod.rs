@@ -39,7 +39,7 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Environment variables that would make curl & co. use a configured proxy
 /// instead of dialing the destination themselves.
-const PROXY_ENV: [&str; 8] = [
+pub const PROXY_ENV: [&str; 8] = [
     "http_proxy",
     "https_proxy",
     "all_proxy",
