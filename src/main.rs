@@ -22,7 +22,7 @@ mod server;
 mod sys;
 mod upstream;
 
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -82,18 +82,15 @@ fn run(cfg: Config) -> Result<i32> {
 
     // Blocked before any thread starts, so that every thread inherits the
     // mask and only the main thread's sigwait() sees these signals. SIGQUIT
-    // (Ctrl-\) is only taken over when COMMAND is there to receive it.
+    // (Ctrl-\) is only taken over when COMMAND is there to receive it, and
+    // SIGCHLD only matters then.
     let mut signals = SigSet::empty();
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGCHLD,
-    ] {
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         signals.add(s);
     }
     if !cfg.command.is_empty() {
         signals.add(Signal::SIGQUIT);
+        signals.add(Signal::SIGCHLD);
     }
     signals.thread_block().context("blocking signals")?;
 
@@ -126,11 +123,11 @@ fn run(cfg: Config) -> Result<i32> {
         proxy_netns_cookie: netns_cookie,
         listen4: bound.iter().find_map(|a| match a {
             SocketAddr::V4(a) => Some(*a),
-            _ => None::<SocketAddrV4>,
+            SocketAddr::V6(_) => None,
         }),
         listen6: bound.iter().find_map(|a| match a {
             SocketAddr::V6(a) => Some(*a),
-            _ => None::<SocketAddrV6>,
+            SocketAddr::V4(_) => None,
         }),
         ports: cfg.ports.as_ref(),
         rules: &cfg.rules,
@@ -187,13 +184,11 @@ fn run(cfg: Config) -> Result<i32> {
             info!("COMMAND exited with status {code}: shutting down");
             code
         }
-        None => loop {
+        None => {
             let sig = signals.wait().context("waiting for signals")?;
-            if sig != Signal::SIGCHLD {
-                info!("{sig}: shutting down");
-                break 0;
-            }
-        },
+            info!("{sig}: shutting down");
+            0
+        }
     };
     let counters = redirect.stats();
     drop(redirect);
@@ -267,6 +262,6 @@ fn init_logging(level: LevelFilter) {
     };
     let logger = simplelog::TermLogger::new(level, config, simplelog::TerminalMode::Stderr, colors);
     if simplelog::CombinedLogger::init(vec![logger]).is_err() {
-        eprintln!("ktproxy: {}", Error::new("logger already initialised"));
+        eprintln!("ktproxy: logger already initialised");
     }
 }
