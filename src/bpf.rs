@@ -15,10 +15,9 @@ use std::sync::Mutex;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, PrintLevel};
 
-use crate::cli::PortSet;
 use crate::error::{Context, Error, Result};
 use crate::preflight;
-use crate::rules::{Cidr, Rules};
+use crate::rules::{Cidr, PortSet, Rules};
 
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/ktproxy.skel.rs"));

@@ -8,7 +8,7 @@ use getopts::Options;
 use log::LevelFilter;
 
 use crate::error::{Error, Result};
-use crate::rules::Rules;
+use crate::rules::{PortSet, Rules};
 use crate::upstream::Upstream;
 
 /// IPv4 and IPv6 loopback; without IPv6 on the host the second is dropped
@@ -285,72 +285,6 @@ fn parse_listen(args: &[String]) -> Result<Vec<SocketAddr>> {
     Ok(out)
 }
 
-/// A set of TCP ports, as the kernel side wants it: one bit per port.
-#[derive(Clone)]
-pub struct PortSet {
-    bits: Box<[u64; 1024]>,
-    spec: String,
-}
-
-impl std::fmt::Debug for PortSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PortSet({})", self.spec)
-    }
-}
-
-impl PortSet {
-    pub fn parse(spec: &str) -> Result<PortSet> {
-        let bad = |why: String| Error::usage(format!("-p/--ports: invalid list '{spec}': {why}"));
-        let mut bits = Box::new([0u64; 1024]);
-        if spec.trim().is_empty() {
-            return Err(bad("empty".into()));
-        }
-        for item in spec.split(',') {
-            let item = item.trim();
-            let (lo, hi) = match item.split_once('-') {
-                Some((a, b)) => (port(a.trim()), port(b.trim())),
-                None => (port(item), port(item)),
-            };
-            let (lo, hi) = match (lo, hi) {
-                (Some(lo), Some(hi)) => (lo, hi),
-                _ => return Err(bad(format!("'{item}' is not a port (1-65535) or range"))),
-            };
-            if lo > hi {
-                return Err(bad(format!("range '{item}' runs backwards")));
-            }
-            for p in lo..=hi {
-                bits[usize::from(p >> 6)] |= 1u64 << (p & 63);
-            }
-        }
-        Ok(PortSet {
-            bits,
-            spec: spec.to_string(),
-        })
-    }
-
-    #[cfg(test)]
-    pub fn contains(&self, port: u16) -> bool {
-        self.bits[usize::from(port >> 6)] >> (port & 63) & 1 == 1
-    }
-
-    pub fn bits(&self) -> &[u64; 1024] {
-        &self.bits
-    }
-}
-
-impl std::fmt::Display for PortSet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.spec)
-    }
-}
-
-fn port(s: &str) -> Option<u16> {
-    match s.parse::<u16>() {
-        Ok(0) | Err(_) => None,
-        Ok(p) => Some(p),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,29 +370,6 @@ mod tests {
         assert!(usage_error(&["-l", "127.0.0.1:70000"]).contains("invalid address"));
         assert!(usage_error(&["-l", "0.0.0.0:8999"]).contains("every interface"));
         assert!(usage_error(&["-l", "[::ffff:127.0.0.1]:1"]).contains("IPv4-mapped"));
-    }
-
-    #[test]
-    fn port_lists_with_ranges() {
-        let p = PortSet::parse("80,443, 8000-8999").unwrap();
-        for yes in [80, 443, 8000, 8500, 8999] {
-            assert!(p.contains(yes), "{yes}");
-        }
-        for no in [1, 79, 81, 7999, 9000, 65535] {
-            assert!(!p.contains(no), "{no}");
-        }
-        let all = PortSet::parse("1-65535").unwrap();
-        assert!(all.contains(1) && all.contains(65535) && !all.contains(0));
-    }
-
-    #[test]
-    fn bad_port_lists_are_named() {
-        assert!(usage_error(&["-p", "http"]).contains("'http' is not a port"));
-        assert!(usage_error(&["-p", "0"]).contains("'0' is not a port"));
-        assert!(usage_error(&["-p", "65536"]).contains("'65536'"));
-        assert!(usage_error(&["-p", "90-80"]).contains("backwards"));
-        assert!(usage_error(&["-p", "80,,443"]).contains("'' is not a port"));
-        assert!(usage_error(&["-p", ""]).contains("empty"));
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! Destination rules (-d/--dest, -x/--exclude and their -file forms): CIDRs
-//! parsed here, looked up in the kernel's LPM tries (see dest_wanted in
-//! bpf/ktproxy.bpf.c), so a long list costs nothing per connect.
+//! What is intercepted, as the user says it and as the kernel looks it up:
+//! - destination ports (-p/--ports): a bitmap indexed by port (port_wanted in
+//!   bpf/ktproxy.bpf.c);
+//! - destination rules (-d/--dest, -x/--exclude and their -file forms): CIDRs
+//!   looked up in the kernel's LPM tries (dest4_wanted/dest6_wanted), so a
+//!   long list costs nothing per connect.
 
 use std::fmt;
 use std::fs;
@@ -140,6 +143,72 @@ impl Rules {
     }
 }
 
+/// A set of TCP ports, as the kernel side wants it: one bit per port.
+#[derive(Clone)]
+pub struct PortSet {
+    bits: Box<[u64; 1024]>,
+    spec: String,
+}
+
+impl fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PortSet({})", self.spec)
+    }
+}
+
+impl PortSet {
+    pub fn parse(spec: &str) -> Result<PortSet> {
+        let bad = |why: String| Error::usage(format!("-p/--ports: invalid list '{spec}': {why}"));
+        let mut bits = Box::new([0u64; 1024]);
+        if spec.trim().is_empty() {
+            return Err(bad("empty".into()));
+        }
+        for item in spec.split(',') {
+            let item = item.trim();
+            let (lo, hi) = match item.split_once('-') {
+                Some((a, b)) => (port(a.trim()), port(b.trim())),
+                None => (port(item), port(item)),
+            };
+            let (lo, hi) = match (lo, hi) {
+                (Some(lo), Some(hi)) => (lo, hi),
+                _ => return Err(bad(format!("'{item}' is not a port (1-65535) or range"))),
+            };
+            if lo > hi {
+                return Err(bad(format!("range '{item}' runs backwards")));
+            }
+            for p in lo..=hi {
+                bits[usize::from(p >> 6)] |= 1u64 << (p & 63);
+            }
+        }
+        Ok(PortSet {
+            bits,
+            spec: spec.to_string(),
+        })
+    }
+
+    #[cfg(test)]
+    pub fn contains(&self, port: u16) -> bool {
+        self.bits[usize::from(port >> 6)] >> (port & 63) & 1 == 1
+    }
+
+    pub fn bits(&self) -> &[u64; 1024] {
+        &self.bits
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec)
+    }
+}
+
+fn port(s: &str) -> Option<u16> {
+    match s.parse::<u16>() {
+        Ok(0) | Err(_) => None,
+        Ok(p) => Some(p),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,5 +283,33 @@ mod tests {
         let e = Rules::add_file(&mut list, "--dest-file", &dir.join("missing")).unwrap_err();
         assert!(e.to_string().contains("cannot read"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn port_lists_with_ranges() {
+        let p = PortSet::parse("80,443, 8000-8999").unwrap();
+        for yes in [80, 443, 8000, 8500, 8999] {
+            assert!(p.contains(yes), "{yes}");
+        }
+        for no in [1, 79, 81, 7999, 9000, 65535] {
+            assert!(!p.contains(no), "{no}");
+        }
+        let all = PortSet::parse("1-65535").unwrap();
+        assert!(all.contains(1) && all.contains(65535) && !all.contains(0));
+    }
+
+    #[test]
+    fn bad_port_lists_are_named() {
+        let usage_error = |spec: &str| {
+            let e = PortSet::parse(spec).expect_err("must be rejected");
+            assert_eq!(e.exit_code(), 2, "{e}");
+            e.to_string()
+        };
+        assert!(usage_error("http").contains("'http' is not a port"));
+        assert!(usage_error("0").contains("'0' is not a port"));
+        assert!(usage_error("65536").contains("'65536'"));
+        assert!(usage_error("90-80").contains("backwards"));
+        assert!(usage_error("80,,443").contains("'' is not a port"));
+        assert!(usage_error("").contains("empty"));
     }
 }
