@@ -161,20 +161,27 @@ struct {
 	__type(value, __u8);
 } excl6 SEC(".maps");
 
-/* Counters for `bpftool map dump name stats` and for ktproxy's own report;
- * the index is the enum below (mirrored in src/bpf.rs). */
+/* Counters for `bpftool map dump name stats` and for ktproxy's exit line
+ * `kernel counters: redirected=N ...`: the index is the enum below, and the
+ * name src/bpf.rs logs is the enumerator's, lower case, without STAT_. */
 enum stat {
-	STAT_REDIRECTED,      /* connect rewritten to the proxy */
-	STAT_SKIP_PROXY,      /* ktproxy's own dial */
-	STAT_SKIP_NETNS,      /* socket in another network namespace */
-	STAT_SKIP_RULE,       /* -p / -d / -x said no */
-	STAT_SKIP_SELF,       /* destination is the proxy itself */
-	STAT_NO_STORAGE,      /* socket storage allocation failed: went direct */
-	STAT_FLOW_PUBLISHED,  /* step 2 */
-	STAT_FLOW_CLAIMED,    /* step 3, first call */
-	STAT_ANSWERED,        /* step 3 */
+	STAT_REDIRECTED,            /* connect rewritten to the proxy */
+	STAT_SKIPPED_PROXY_OWN,     /* ktproxy's own dial */
+	STAT_SKIPPED_OTHER_NETNS,   /* socket in another network namespace */
+	STAT_SKIPPED_BY_RULE,       /* -p / -d / -x said no */
+	STAT_SKIPPED_TO_PROXY,      /* destination is the proxy itself */
+	STAT_NO_SOCKET_STORAGE,     /* socket storage allocation failed: went direct */
+	STAT_FLOWS_PUBLISHED,       /* step 2 */
+	STAT_FLOWS_CLAIMED,         /* step 3, first call */
+	STAT_ORIGINAL_DST_ANSWERED, /* step 3 */
 	STAT_MAX,
 };
+
+/* Never read: it brings `enum stat` into BTF, hence into the skeleton, where
+ * src/bpf.rs sizes its table of counter names by STAT_MAX. clang emits a type
+ * only when something declared uses it, and the enum cannot be the key type of
+ * `stats`: the kernel wants an array map's BTF key to be a 32-bit integer. */
+const enum stat stat_max = STAT_MAX;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -233,11 +240,11 @@ static __always_inline int socket_wanted(struct bpf_sock_addr *ctx)
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
 		return 0;
 	if (bpf_get_current_cgroup_id() == proxy_cgroup_id) {
-		count(STAT_SKIP_PROXY);
+		count(STAT_SKIPPED_PROXY_OWN);
 		return 0;
 	}
 	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie) {
-		count(STAT_SKIP_NETNS);
+		count(STAT_SKIPPED_OTHER_NETNS);
 		return 0;
 	}
 	return 1;
@@ -251,7 +258,7 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, const struct orig
 
 	st = bpf_sk_storage_get(&client_dst, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!st) {
-		count(STAT_NO_STORAGE);
+		count(STAT_NO_SOCKET_STORAGE);
 		return 0;
 	}
 	*st = *dst;
@@ -284,11 +291,11 @@ int ktproxy_connect4(struct bpf_sock_addr *ctx)
 	port = bpf_ntohs((__u16)ctx->user_port);
 	dst.ip[0] = unspecified_to_loopback4(ctx->user_ip4);
 	if (dst.ip[0] == listen_ip4 && port == listen_port4) {
-		count(STAT_SKIP_SELF);
+		count(STAT_SKIPPED_TO_PROXY);
 		return 1;
 	}
 	if (!port_wanted(port) || !dest4_wanted(dst.ip[0])) {
-		count(STAT_SKIP_RULE);
+		count(STAT_SKIPPED_BY_RULE);
 		return 1;
 	}
 	dst.port = bpf_htons(port);
@@ -323,11 +330,11 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 		if (!listen_port4)
 			return 1;
 		if (ip4 == listen_ip4 && port == listen_port4) {
-			count(STAT_SKIP_SELF);
+			count(STAT_SKIPPED_TO_PROXY);
 			return 1;
 		}
 		if (!port_wanted(port) || !dest4_wanted(ip4)) {
-			count(STAT_SKIP_RULE);
+			count(STAT_SKIPPED_BY_RULE);
 			return 1;
 		}
 		dst.ip[0] = ip4;
@@ -352,16 +359,16 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 	/* Link-local destinations need the scope id (interface), which
 	 * bpf_sock_addr does not carry: the proxy could not dial them. */
 	if ((dst.ip[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000)) {
-		count(STAT_SKIP_RULE);
+		count(STAT_SKIPPED_BY_RULE);
 		return 1;
 	}
 	if (port == listen_port6 && dst.ip[0] == listen_ip6[0] && dst.ip[1] == listen_ip6[1] &&
 	    dst.ip[2] == listen_ip6[2] && dst.ip[3] == listen_ip6[3]) {
-		count(STAT_SKIP_SELF);
+		count(STAT_SKIPPED_TO_PROXY);
 		return 1;
 	}
 	if (!port_wanted(port) || !dest6_wanted(dst.ip)) {
-		count(STAT_SKIP_RULE);
+		count(STAT_SKIPPED_BY_RULE);
 		return 1;
 	}
 	dst.port = bpf_htons(port);
@@ -436,7 +443,7 @@ int ktproxy_sockops_client(struct bpf_sock_ops *skops)
 	fill_key(&key, skops->family, local, (__u16)skops->local_port, remote,
 		 (__u16)bpf_ntohl(skops->remote_port));
 	if (bpf_map_update_elem(&flows, &key, dst, BPF_ANY) == 0)
-		count(STAT_FLOW_PUBLISHED);
+		count(STAT_FLOWS_PUBLISHED);
 	return 1;
 }
 
@@ -466,7 +473,7 @@ static __always_inline struct orig_dst *accepted_orig_dst(struct bpf_sock *sk)
 	dst = bpf_sk_storage_get(&accepted_dst, sk, pending, BPF_SK_STORAGE_GET_F_CREATE);
 	bpf_map_delete_elem(&flows, &key);
 	if (dst)
-		count(STAT_FLOW_CLAIMED);
+		count(STAT_FLOWS_CLAIMED);
 	return dst;
 }
 
@@ -539,7 +546,7 @@ int ktproxy_getsockopt(struct bpf_sockopt *ctx)
 	 * two stores into one 8-byte store, which the verifier rejects. */
 	asm volatile("" ::: "memory");
 	ctx->retval = 0;
-	count(STAT_ANSWERED);
+	count(STAT_ORIGINAL_DST_ANSWERED);
 	return 1;
 }
 

@@ -5,9 +5,10 @@
 //! descriptor, so when ktproxy exits for any reason, kill -9 included, the
 //! kernel detaches everything and connections go direct again.
 
+use std::fmt;
 use std::fs::File;
-use std::mem::MaybeUninit;
-use std::net::{SocketAddrV4, SocketAddrV6};
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv6Addr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
@@ -22,6 +23,7 @@ use crate::rules::{Cidr, PortSet, Rules};
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/ktproxy.skel.rs"));
 }
+use skel::types::{lpm4_key, lpm6_key, stat};
 use skel::{KtproxySkel, KtproxySkelBuilder};
 
 /// Everything the kernel side needs, fixed in .rodata before load(): there is
@@ -35,18 +37,85 @@ pub struct KernelConfig<'a> {
     pub rules: &'a Rules,
 }
 
-/// Counters kept by the programs (enum stat in the C file, same order).
-pub const STAT_NAMES: [&str; 9] = [
-    "redirected",
-    "skipped_proxy_own",
-    "skipped_other_netns",
-    "skipped_by_rule",
-    "skipped_to_proxy",
-    "no_socket_storage",
-    "flows_published",
-    "flows_claimed",
-    "original_dst_answered",
+/// `[STAT_X => "x", ...]`: each entry, with the compile-time check that
+/// `"x"` is STAT_X's name.
+macro_rules! stat_names {
+    ($($stat:ident => $name:literal),* $(,)?) => {
+        [$({
+            const _: () = assert!(
+                is_enumerator_name(stringify!($stat), $name),
+                concat!("counter ", $name, " must be named for its enumerator ", stringify!($stat))
+            );
+            (stat::$stat, $name)
+        }),*]
+    };
+}
+
+/// The counters the programs keep (`enum stat` in the C file) with the names
+/// the exit line `kernel counters: redirected=N ...` gives them, which tests
+/// and users parse. The table is sized by the generated STAT_MAX and checked
+/// while compiling: a counter added in C without a name here, a name that is
+/// not its enumerator's (lower case, without STAT_), or an entry out of the
+/// enum's order does not build.
+const STATS: [(stat, &str); stat::STAT_MAX.0 as usize] = stat_names![
+    STAT_REDIRECTED => "redirected",
+    STAT_SKIPPED_PROXY_OWN => "skipped_proxy_own",
+    STAT_SKIPPED_OTHER_NETNS => "skipped_other_netns",
+    STAT_SKIPPED_BY_RULE => "skipped_by_rule",
+    STAT_SKIPPED_TO_PROXY => "skipped_to_proxy",
+    STAT_NO_SOCKET_STORAGE => "no_socket_storage",
+    STAT_FLOWS_PUBLISHED => "flows_published",
+    STAT_FLOWS_CLAIMED => "flows_claimed",
+    STAT_ORIGINAL_DST_ANSWERED => "original_dst_answered",
 ];
+
+// Entry i is enumerator i: with the size, every counter is named exactly once.
+const _: () = {
+    let mut i = 0;
+    while i < STATS.len() {
+        assert!(
+            STATS[i].0 .0 as usize == i,
+            "STATS must list the counters once each, in enum stat order"
+        );
+        i += 1;
+    }
+};
+
+/// `STAT_SKIPPED_BY_RULE` is named `skipped_by_rule`.
+const fn is_enumerator_name(enumerator: &str, name: &str) -> bool {
+    let (e, n) = (enumerator.as_bytes(), name.as_bytes());
+    let prefix = b"STAT_";
+    if e.len() != prefix.len() + n.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < e.len() {
+        let want = if i < prefix.len() {
+            prefix[i]
+        } else {
+            n[i - prefix.len()].to_ascii_uppercase()
+        };
+        if e[i] != want {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The kernel counters, each summed over CPUs; displayed as the exit line
+/// shows them: `redirected=N skipped_proxy_own=N ...`.
+pub struct Counters([u64; STATS.len()]);
+
+impl fmt::Display for Counters {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, ((_, name), value)) in STATS.iter().zip(self.0).enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{name}={value}")?;
+        }
+        Ok(())
+    }
+}
 
 /// Loaded programs and their links. Dropping it detaches everything, the
 /// redirect first.
@@ -89,24 +158,24 @@ impl Redirect {
         Ok(r)
     }
 
-    /// Sum over CPUs of each counter, in STAT_NAMES order.
-    pub fn stats(&self) -> Vec<u64> {
+    /// Each counter summed over CPUs.
+    pub fn counters(&self) -> Counters {
         let map = &self.skel.maps.stats;
-        (0..STAT_NAMES.len() as u32)
-            .map(|i| {
-                map.lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)
-                    .ok()
-                    .flatten()
-                    .map(|per_cpu| {
-                        per_cpu
-                            .iter()
-                            .filter_map(|v| v.get(..8)?.try_into().ok())
-                            .map(u64::from_ne_bytes)
-                            .sum()
-                    })
-                    .unwrap_or(0)
-            })
-            .collect()
+        Counters(STATS.map(|(counter, _)| {
+            // The map's key is the enum's value as a __u32, its value a
+            // __u64 per CPU.
+            map.lookup_percpu(&counter.0.to_ne_bytes(), MapFlags::ANY)
+                .ok()
+                .flatten()
+                .map(|per_cpu| {
+                    per_cpu
+                        .iter()
+                        .filter_map(|v| v.get(..8)?.try_into().ok())
+                        .map(u64::from_ne_bytes)
+                        .sum()
+                })
+                .unwrap_or(0)
+        }))
     }
 }
 
@@ -153,22 +222,22 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
         ro.port_filter = 1;
         ro.port_bits = *ports.bits();
     }
-    let (dest4, dest6) = split_families(&cfg.rules.dest);
-    let (excl4, excl6) = split_families(&cfg.rules.exclude);
+    let (dest4, dest6) = lpm_keys(&cfg.rules.dest);
+    let (excl4, excl6) = lpm_keys(&cfg.rules.exclude);
     ro.dest_filter = u8::from(cfg.rules.dest_given);
     ro.have_excl4 = u8::from(!excl4.is_empty());
     ro.have_excl6 = u8::from(!excl6.is_empty());
 
     // LPM tries are sized to their rules (an empty map is not allowed).
     let m = &mut open.maps;
-    for (map, keys) in [
-        (&mut m.dest4, &dest4),
-        (&mut m.dest6, &dest6),
-        (&mut m.excl4, &excl4),
-        (&mut m.excl6, &excl6),
+    for (map, len) in [
+        (&mut m.dest4, dest4.len()),
+        (&mut m.dest6, dest6.len()),
+        (&mut m.excl4, excl4.len()),
+        (&mut m.excl6, excl6.len()),
     ] {
-        let n = u32::try_from(keys.len().max(1))
-            .map_err(|_| Error::usage("too many destination rules"))?;
+        let n =
+            u32::try_from(len.max(1)).map_err(|_| Error::usage("too many destination rules"))?;
         map.set_max_entries(n).context("sizing a rule map")?;
     }
 
@@ -180,43 +249,65 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
     // Filled after load but before any program is attached: no connect can
     // see a half-filled rule set.
     let m = &skel.maps;
-    for (map, keys, what) in [
-        (&m.dest4, &dest4, "IPv4 destination"),
-        (&m.dest6, &dest6, "IPv6 destination"),
-        (&m.excl4, &excl4, "IPv4 exclusion"),
-        (&m.excl6, &excl6, "IPv6 exclusion"),
-    ] {
-        for key in keys {
-            map.update(key, &[1], MapFlags::ANY)
-                .with_context(|| format!("loading {what} rules"))?;
-        }
-    }
+    fill_rules(&m.dest4, &dest4, "IPv4 destination")?;
+    fill_rules(&m.dest6, &dest6, "IPv6 destination")?;
+    fill_rules(&m.excl4, &excl4, "IPv4 exclusion")?;
+    fill_rules(&m.excl6, &excl6, "IPv6 exclusion")?;
     Ok(skel)
 }
 
-/// LPM trie keys: prefix length in host byte order, then the address in
-/// network byte order (struct lpm4_key / lpm6_key).
-fn split_families(cidrs: &[Cidr]) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+fn fill_rules<K: Pod>(map: &impl MapCore, keys: &[K], what: &str) -> Result<()> {
+    for key in keys {
+        // The tries' value is a __u8 that nothing reads: presence is the answer.
+        map.update(bytes_of(key), &[1], MapFlags::ANY)
+            .with_context(|| format!("loading {what} rules"))?;
+    }
+    Ok(())
+}
+
+/// The keys of the LPM tries, per family: prefix length in host byte order,
+/// the address in network byte order, as the programs look them up.
+fn lpm_keys(cidrs: &[Cidr]) -> (Vec<lpm4_key>, Vec<lpm6_key>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
     for c in cidrs {
-        match c {
-            Cidr::V4(a, len) => {
-                let mut k = u32::from(*len).to_ne_bytes().to_vec();
-                k.extend_from_slice(&a.octets());
-                v4.push(k);
-            }
-            Cidr::V6(a, len) => {
-                let mut k = u32::from(*len).to_ne_bytes().to_vec();
-                k.extend_from_slice(&a.octets());
-                v6.push(k);
-            }
+        match *c {
+            Cidr::V4(a, len) => v4.push(lpm4_key {
+                prefixlen: len.into(),
+                addr: u32::from_ne_bytes(a.octets()),
+            }),
+            Cidr::V6(a, len) => v6.push(lpm6_key {
+                prefixlen: len.into(),
+                addr: ip6_words(&a),
+            }),
         }
     }
     (v4, v6)
 }
 
-pub fn ip6_words(ip: &std::net::Ipv6Addr) -> [u32; 4] {
+/// A type generated from the C file that the kernel gets as raw bytes.
+///
+/// # Safety
+/// Only for `#[repr(C)]` types without padding: every byte must be
+/// initialised for `bytes_of` to read it.
+unsafe trait Pod: Copy {}
+
+// SAFETY: repr(C) with two u32 fields and, as asserted, no padding.
+unsafe impl Pod for lpm4_key {}
+const _: () = assert!(size_of::<lpm4_key>() == size_of::<u32>() * 2);
+// SAFETY: repr(C) with a u32 and a [u32; 4] and, as asserted, no padding.
+unsafe impl Pod for lpm6_key {}
+const _: () = assert!(size_of::<lpm6_key>() == size_of::<u32>() * 5);
+
+fn bytes_of<T: Pod>(value: &T) -> &[u8] {
+    // SAFETY: `value` is a live reference to size_of::<T>() bytes, all of
+    // them initialised because T has no padding (Pod); u8 has no alignment
+    // requirement, and the slice borrows `value` for its lifetime.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// An IPv6 address as the C side's `__u32 [4]`, in network byte order.
+fn ip6_words(ip: &Ipv6Addr) -> [u32; 4] {
     let o = ip.octets();
     std::array::from_fn(|i| {
         u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
@@ -376,5 +467,47 @@ libbpf: failed to load object 'ktproxy_bpf'
     fn ipv6_words_keep_network_byte_order() {
         let w = ip6_words(&"::1".parse().unwrap());
         assert_eq!(w[3].to_ne_bytes(), [0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn lpm_keys_are_host_order_prefix_length_then_network_order_address() {
+        let cidrs = [
+            Cidr::parse("10.1.0.0/16").unwrap(),
+            Cidr::parse("2001:db8::/32").unwrap(),
+        ];
+        let (v4, v6) = lpm_keys(&cidrs);
+        assert_eq!(v4.len(), 1);
+        assert_eq!(v6.len(), 1);
+        let mut want4 = 16u32.to_ne_bytes().to_vec();
+        want4.extend([10, 1, 0, 0]);
+        assert_eq!(bytes_of(&v4[0]), want4);
+        let mut want6 = 32u32.to_ne_bytes().to_vec();
+        want6.extend("2001:db8::".parse::<Ipv6Addr>().unwrap().octets());
+        assert_eq!(bytes_of(&v6[0]), want6);
+    }
+
+    #[test]
+    fn counters_are_logged_under_their_enumerators_names_in_enum_order() {
+        let values: [u64; STATS.len()] = std::array::from_fn(|i| i as u64 * 10);
+        assert_eq!(
+            Counters(values).to_string(),
+            "redirected=0 skipped_proxy_own=10 skipped_other_netns=20 skipped_by_rule=30 \
+             skipped_to_proxy=40 no_socket_storage=50 flows_published=60 flows_claimed=70 \
+             original_dst_answered=80"
+        );
+    }
+
+    #[test]
+    fn counter_names_are_their_enumerators_lower_case_without_the_prefix() {
+        assert!(is_enumerator_name(
+            "STAT_SKIPPED_BY_RULE",
+            "skipped_by_rule"
+        ));
+        assert!(!is_enumerator_name(
+            "STAT_SKIPPED_BY_RULE",
+            "skipped_by_rules"
+        ));
+        assert!(!is_enumerator_name("STAT_SKIP_RULE", "skipped_by_rule"));
+        assert!(!is_enumerator_name("SKIPPED_BY_RULE", "skipped_by_rule"));
     }
 }

@@ -190,16 +190,11 @@ fn run(cfg: Config) -> Result<i32> {
             0
         }
     };
-    let counters = redirect.stats();
+    let counters = redirect.counters();
     drop(redirect);
     drop(command_cgroup);
     drop(own);
-    let summary: Vec<String> = bpf::STAT_NAMES
-        .iter()
-        .zip(counters)
-        .map(|(n, v)| format!("{n}={v}"))
-        .collect();
-    info!("detached; kernel counters: {}", summary.join(" "));
+    info!("detached; kernel counters: {counters}");
     Ok(code)
 }
 
