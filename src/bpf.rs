@@ -8,7 +8,7 @@
 use std::fmt;
 use std::fs::File;
 use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv6Addr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, PrintLevel};
 
+use crate::cli::Config;
 use crate::error::{Context, Error, Result};
 use crate::preflight;
 use crate::rules::{Cidr, PortSet, Rules};
@@ -29,12 +30,39 @@ use skel::{KtproxySkel, KtproxySkelBuilder};
 /// Everything the kernel side needs, fixed in .rodata before load(): there is
 /// no moment where a program runs with half a configuration.
 pub struct KernelConfig<'a> {
-    pub proxy_cgroup_id: u64,
-    pub proxy_netns_cookie: u64,
-    pub listen4: Option<SocketAddrV4>,
-    pub listen6: Option<SocketAddrV6>,
-    pub ports: Option<&'a PortSet>,
-    pub rules: &'a Rules,
+    proxy_cgroup_id: u64,
+    proxy_netns_cookie: u64,
+    listen4: Option<SocketAddrV4>,
+    listen6: Option<SocketAddrV6>,
+    ports: Option<&'a PortSet>,
+    rules: &'a Rules,
+}
+
+impl<'a> KernelConfig<'a> {
+    /// The options, plus what only start-up knows: ktproxy's own cgroup (whose
+    /// dials are never intercepted), its network namespace and the addresses
+    /// the listeners really got (port 0 picks one).
+    pub fn new(
+        cfg: &'a Config,
+        own_cgroup_id: u64,
+        netns_cookie: u64,
+        bound: &[SocketAddr],
+    ) -> KernelConfig<'a> {
+        KernelConfig {
+            proxy_cgroup_id: own_cgroup_id,
+            proxy_netns_cookie: netns_cookie,
+            listen4: bound.iter().find_map(|a| match a {
+                SocketAddr::V4(a) => Some(*a),
+                SocketAddr::V6(_) => None,
+            }),
+            listen6: bound.iter().find_map(|a| match a {
+                SocketAddr::V6(a) => Some(*a),
+                SocketAddr::V4(_) => None,
+            }),
+            ports: cfg.ports.as_ref(),
+            rules: &cfg.rules,
+        }
+    }
 }
 
 /// `[STAT_X => "x", ...]`: each entry, with the compile-time check that
@@ -129,6 +157,14 @@ impl Redirect {
     /// own cgroup, the client-side ones to the intercepted cgroup, connect
     /// last so that a redirected connection always finds everything in place.
     pub fn start(cfg: &KernelConfig, intercepted: &Path, own: &Path) -> Result<Redirect> {
+        for (missing, family) in [
+            (cfg.listen4.is_none(), "IPv4"),
+            (cfg.listen6.is_none(), "IPv6"),
+        ] {
+            if missing {
+                log::info!("{family} connections are not intercepted: no {family} listen address");
+            }
+        }
         let skel = load(cfg)?;
         let mut r = Redirect {
             skel,
@@ -484,6 +520,31 @@ libbpf: failed to load object 'ktproxy_bpf'
         let mut want6 = 32u32.to_ne_bytes().to_vec();
         want6.extend("2001:db8::".parse::<Ipv6Addr>().unwrap().octets());
         assert_eq!(bytes_of(&v6[0]), want6);
+    }
+
+    #[test]
+    fn kernel_config_takes_each_familys_bound_address_and_the_filters() {
+        let args: Vec<String> = ["-p", "443", "-x", "10.0.0.0/8"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let cfg = match crate::cli::parse(&args).unwrap() {
+            crate::cli::Action::Run(cfg) => cfg,
+            _ => panic!("expected a run"),
+        };
+        let bound: [SocketAddr; 2] = [
+            "[::1]:41000".parse().unwrap(),
+            "127.0.0.1:42000".parse().unwrap(),
+        ];
+        let k = KernelConfig::new(&cfg, 7, 9, &bound);
+        assert_eq!((k.proxy_cgroup_id, k.proxy_netns_cookie), (7, 9));
+        assert_eq!(k.listen4, Some("127.0.0.1:42000".parse().unwrap()));
+        assert_eq!(k.listen6, Some("[::1]:41000".parse().unwrap()));
+        assert!(k.ports.is_some_and(|p| p.contains(443) && !p.contains(80)));
+        assert_eq!(k.rules.exclude.len(), 1);
+
+        let k = KernelConfig::new(&cfg, 7, 9, &bound[1..]);
+        assert_eq!(k.listen6, None, "no IPv6 listener: IPv6 is not intercepted");
     }
 
     #[test]

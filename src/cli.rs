@@ -37,6 +37,24 @@ pub struct Config {
     pub upstream: Option<Upstream>,
 }
 
+impl Config {
+    /// What the ready line says after the cgroup: "all ports" or "ports
+    /// LIST", the destination rules, and the upstream proxy.
+    pub fn describe_filters(&self) -> String {
+        let mut filters = vec![self
+            .ports
+            .as_ref()
+            .map_or("all ports".to_string(), |p| format!("ports {p}"))];
+        if !self.rules.is_empty() {
+            filters.push(self.rules.describe());
+        }
+        if let Some(up) = &self.upstream {
+            filters.push(format!("via {}", up.display()));
+        }
+        filters.join(", ")
+    }
+}
+
 #[derive(Debug)]
 pub enum Action {
     Run(Box<Config>),
@@ -370,6 +388,25 @@ mod tests {
         assert!(usage_error(&["-l", "127.0.0.1:70000"]).contains("invalid address"));
         assert!(usage_error(&["-l", "0.0.0.0:8999"]).contains("every interface"));
         assert!(usage_error(&["-l", "[::ffff:127.0.0.1]:1"]).contains("IPv4-mapped"));
+    }
+
+    #[test]
+    fn ready_line_filters_name_ports_rules_and_upstream() {
+        assert_eq!(run(&[]).describe_filters(), "all ports");
+        let c = run(&[
+            "-p",
+            "80,443",
+            "-d",
+            "10.0.0.0/8",
+            "-x",
+            "10.1.0.0/16",
+            "-u",
+            "socks5://127.0.0.1:1080",
+        ]);
+        assert_eq!(
+            c.describe_filters(),
+            "ports 80,443, 1 destination rule(s), 1 exclusion(s), via socks5://127.0.0.1:1080"
+        );
     }
 
     #[test]

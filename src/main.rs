@@ -22,8 +22,9 @@ mod server;
 mod sys;
 mod upstream;
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::Arc;
 
 use log::{info, warn, LevelFilter};
@@ -63,36 +64,12 @@ fn main() {
 fn run(cfg: Config) -> Result<i32> {
     init_logging(cfg.log_level);
     preflight::check_privileges()?;
-    let (kernel, release) = preflight::kernel_version();
-    if kernel.is_some_and(|k| k < preflight::MIN_KERNEL) {
-        let (maj, min) = preflight::MIN_KERNEL;
-        warn!("kernel {release} is older than {maj}.{min}, which ktproxy needs; loading will probably fail");
-    }
-
+    warn_if_kernel_too_old();
     let root = cgroup::root()?;
     let given = cfg.cgroup.as_deref().map(cgroup::check_dir).transpose()?;
     let user = cfg.user.as_deref().map(command::resolve_user).transpose()?;
-    let fd_limit = preflight::raise_fd_limit();
-    preflight::raise_memlock_limit();
-    let (capacity, limited_by) = preflight::connection_capacity(fd_limit);
-    // Below a few thousand, busy machines hit it; the ready line always says.
-    if capacity < 4096 {
-        warn!("{limited_by} caps ktproxy at about {capacity} concurrent connections");
-    }
-
-    // Blocked before any thread starts, so that every thread inherits the
-    // mask and only the main thread's sigwait() sees these signals. SIGQUIT
-    // (Ctrl-\) is only taken over when COMMAND is there to receive it, and
-    // SIGCHLD only matters then.
-    let mut signals = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        signals.add(s);
-    }
-    if !cfg.command.is_empty() {
-        signals.add(Signal::SIGQUIT);
-        signals.add(Signal::SIGCHLD);
-    }
-    signals.thread_block().context("blocking signals")?;
+    let capacity = raise_limits();
+    let signals = block_signals(!cfg.command.is_empty())?;
 
     // Declared in acquisition order; dropped in reverse on any return.
     let own = cgroup::OwnCgroup::enter(&root)?;
@@ -107,50 +84,12 @@ fn run(cfg: Config) -> Result<i32> {
         (None, None) => root.clone(),
     };
     let listeners = bind_listeners(&cfg)?;
-    let bound: Vec<SocketAddr> = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<std::io::Result<_>>()
-        .context("reading the listen address")?;
-    let first = listeners
-        .first()
-        .ok_or_else(|| Error::new("no listen address could be bound"))?;
-    let netns_cookie = sys::netns_cookie(first.as_raw_fd())
-        .context("reading the network namespace cookie (SO_NETNS_COOKIE needs Linux >= 5.14)")?;
-
-    let kcfg = bpf::KernelConfig {
-        proxy_cgroup_id: own.id(),
-        proxy_netns_cookie: netns_cookie,
-        listen4: bound.iter().find_map(|a| match a {
-            SocketAddr::V4(a) => Some(*a),
-            SocketAddr::V6(_) => None,
-        }),
-        listen6: bound.iter().find_map(|a| match a {
-            SocketAddr::V6(a) => Some(*a),
-            SocketAddr::V4(_) => None,
-        }),
-        ports: cfg.ports.as_ref(),
-        rules: &cfg.rules,
-    };
-    for (missing, family) in [
-        (kcfg.listen4.is_none(), "IPv4"),
-        (kcfg.listen6.is_none(), "IPv6"),
-    ] {
-        if missing {
-            info!("{family} connections are not intercepted: no {family} listen address");
-        }
-    }
-    let redirect = bpf::Redirect::start(&kcfg, &intercepted, own.path())?;
-
-    if let Some(up) = &cfg.upstream {
-        if command_cgroup.is_none() && is_local(&up.addr()) {
-            warn!(
-                "the upstream proxy {} is on this machine: unless it runs outside {}, its own \
-                 connections are intercepted too and loop back into ktproxy (use -c or -- COMMAND)",
-                up.display(),
-                intercepted.display()
-            );
-        }
+    let bound = local_addrs(&listeners)?;
+    let netns_cookie = netns_cookie(&listeners)?;
+    let kernel = bpf::KernelConfig::new(&cfg, own.id(), netns_cookie, &bound);
+    let redirect = bpf::Redirect::start(&kernel, &intercepted, own.path())?;
+    if command_cgroup.is_none() {
+        warn_if_upstream_is_intercepted(&cfg, &intercepted);
     }
     let shared = Arc::new(conn::Shared::new(
         bound.clone(),
@@ -160,6 +99,102 @@ fn run(cfg: Config) -> Result<i32> {
     for l in listeners {
         server::start(l, Arc::clone(&shared))?;
     }
+    log_ready(&cfg, &bound, &root, &intercepted, own.path(), capacity);
+
+    let code = match &command_cgroup {
+        Some(cg) => run_command(&cfg.command, cg, user.as_ref(), &signals)?,
+        None => wait_for_signal(&signals)?,
+    };
+    let counters = redirect.counters();
+    drop(redirect);
+    drop(command_cgroup);
+    drop(own);
+    info!("detached; kernel counters: {counters}");
+    Ok(code)
+}
+
+fn warn_if_kernel_too_old() {
+    let (kernel, release) = preflight::kernel_version();
+    if kernel.is_some_and(|k| k < preflight::MIN_KERNEL) {
+        let (maj, min) = preflight::MIN_KERNEL;
+        warn!("kernel {release} is older than {maj}.{min}, which ktproxy needs; loading will probably fail");
+    }
+}
+
+/// Raises the descriptor and locked-memory limits; returns about how many
+/// connections fit, and what limits them.
+fn raise_limits() -> (u64, &'static str) {
+    let fd_limit = preflight::raise_fd_limit();
+    preflight::raise_memlock_limit();
+    let (capacity, limited_by) = preflight::connection_capacity(fd_limit);
+    // Below a few thousand, busy machines hit it; the ready line always says.
+    if capacity < 4096 {
+        warn!("{limited_by} caps ktproxy at about {capacity} concurrent connections");
+    }
+    (capacity, limited_by)
+}
+
+/// Blocked before any thread starts, so that every thread inherits the
+/// mask and only the main thread's sigwait() sees these signals. SIGQUIT
+/// (Ctrl-\) is only taken over when COMMAND is there to receive it, and
+/// SIGCHLD only matters then.
+fn block_signals(with_command: bool) -> Result<SigSet> {
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    if with_command {
+        signals.add(Signal::SIGQUIT);
+        signals.add(Signal::SIGCHLD);
+    }
+    signals.thread_block().context("blocking signals")?;
+    Ok(signals)
+}
+
+fn local_addrs(listeners: &[TcpListener]) -> Result<Vec<SocketAddr>> {
+    listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<std::io::Result<_>>()
+        .context("reading the listen address")
+}
+
+/// The network namespace ktproxy listens in: the one whose connections it
+/// intercepts.
+fn netns_cookie(listeners: &[TcpListener]) -> Result<u64> {
+    let first = listeners
+        .first()
+        .ok_or_else(|| Error::new("no listen address could be bound"))?;
+    sys::netns_cookie(first.as_raw_fd())
+        .context("reading the network namespace cookie (SO_NETNS_COOKIE needs Linux >= 5.14)")
+}
+
+fn warn_if_upstream_is_intercepted(cfg: &Config, intercepted: &Path) {
+    if let Some(up) = &cfg.upstream {
+        if is_local(&up.addr()) {
+            warn!(
+                "the upstream proxy {} is on this machine: unless it runs outside {}, its own \
+                 connections are intercepted too and loop back into ktproxy (use -c or -- COMMAND)",
+                up.display(),
+                intercepted.display()
+            );
+        }
+    }
+}
+
+fn is_local(addr: &SocketAddr) -> bool {
+    // Binding to an address succeeds only if it is one of ours.
+    addr.ip().is_loopback() || std::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0)).is_ok()
+}
+
+fn log_ready(
+    cfg: &Config,
+    bound: &[SocketAddr],
+    root: &Path,
+    intercepted: &Path,
+    own: &Path,
+    (capacity, limited_by): (u64, &str),
+) {
     info!(
         "ktproxy ready: listening on {}, intercepting {}, {} (own cgroup {}; room for about \
          {capacity} connections, limited by {limited_by})",
@@ -173,53 +208,32 @@ fn run(cfg: Config) -> Result<i32> {
         } else {
             format!("cgroup {}", intercepted.display())
         },
-        describe_filters(&cfg),
-        own.path().display()
+        cfg.describe_filters(),
+        own.display()
     );
+}
 
-    let code = match &command_cgroup {
-        Some(cg) => {
-            let child = command::spawn(&cfg.command, cg, user.as_ref())?;
-            let code = command::supervise(child, cg, &signals)?;
-            info!("COMMAND exited with status {code}: shutting down");
-            code
-        }
-        None => {
-            let sig = signals.wait().context("waiting for signals")?;
-            info!("{sig}: shutting down");
-            0
-        }
-    };
-    let counters = redirect.counters();
-    drop(redirect);
-    drop(command_cgroup);
-    drop(own);
-    info!("detached; kernel counters: {counters}");
+fn run_command(
+    argv: &[String],
+    cgroup: &cgroup::CommandCgroup,
+    user: Option<&command::Identity>,
+    signals: &SigSet,
+) -> Result<i32> {
+    let child = command::spawn(argv, cgroup, user)?;
+    let code = command::supervise(child, cgroup, signals)?;
+    info!("COMMAND exited with status {code}: shutting down");
     Ok(code)
 }
 
-fn is_local(addr: &SocketAddr) -> bool {
-    // Binding to an address succeeds only if it is one of ours.
-    addr.ip().is_loopback() || std::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0)).is_ok()
-}
-
-fn describe_filters(cfg: &Config) -> String {
-    let mut filters = vec![cfg
-        .ports
-        .as_ref()
-        .map_or("all ports".to_string(), |p| format!("ports {p}"))];
-    if !cfg.rules.is_empty() {
-        filters.push(cfg.rules.describe());
-    }
-    if let Some(up) = &cfg.upstream {
-        filters.push(format!("via {}", up.display()));
-    }
-    filters.join(", ")
+fn wait_for_signal(signals: &SigSet) -> Result<i32> {
+    let sig = signals.wait().context("waiting for signals")?;
+    info!("{sig}: shutting down");
+    Ok(0)
 }
 
 /// Binds every -l address. The default IPv6 listener is optional: a host
 /// without IPv6 loopback gets IPv4 only, with a warning.
-fn bind_listeners(cfg: &Config) -> Result<Vec<std::net::TcpListener>> {
+fn bind_listeners(cfg: &Config) -> Result<Vec<TcpListener>> {
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
         match sys::listen(addr, 4096) {
