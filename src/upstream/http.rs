@@ -1,96 +1,96 @@
 //! HTTP CONNECT (RFC 9110 9.3.6), with Basic proxy authentication.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-use super::Upstream;
+use super::{AuthFailure, Credentials, Failure, HttpStatus, Refusal, Violation};
 
 /// Real CONNECT response heads are a few hundred bytes; more than this means
 /// the peer is broken or not a proxy, and the head must not grow unbounded.
-const MAX_HTTP_HEAD: usize = 16 * 1024;
-impl Upstream {
-    pub(super) fn http_connect(&self, s: &mut TcpStream, dst: SocketAddr) -> Result<(), String> {
-        // Not SocketAddrV6's Display: a zone id means nothing to the proxy.
-        let target = match dst {
-            SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
-            SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-        };
-        let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
-        if let Some(creds) = &self.creds {
-            let mut pair = creds.user.clone();
-            pair.push(b':');
-            pair.extend_from_slice(&creds.pass);
-            req.push_str(&format!("Proxy-Authorization: Basic {}\r\n", base64(&pair)));
-        }
-        req.push_str("\r\n");
-        self.send(s, req.as_bytes())?;
+pub(super) const MAX_HEAD: usize = 16 * 1024;
 
-        let head = self.read_http_head(s)?;
-        let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
-        let line = &head[..line_end];
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some((code, reason)) = parse_status_line(line) else {
-            return Err(format!(
-                "{} sent a malformed status line '{}': is it an HTTP proxy?",
-                self.who(),
-                printable(&String::from_utf8_lossy(line))
-            ));
-        };
-        if (200..300).contains(&code) {
-            return Ok(());
-        }
-        let mut msg = format!("{} answered {code}", self.who());
-        if !reason.is_empty() {
-            msg.push(' ');
-            msg.push_str(&reason);
-        }
-        // tinyproxy answers a wrong password with 401, the RFC says 407.
-        if code == 407 || code == 401 {
-            msg.push_str(if self.creds.is_some() {
-                " (the credentials were rejected)"
-            } else {
-                " (no credentials were given)"
-            });
-        }
-        Err(msg)
+/// Sends CONNECT and reads the response head to its blank line and not one
+/// byte further; any 2xx opens the tunnel.
+pub(super) fn handshake(
+    s: &mut TcpStream,
+    creds: Option<&Credentials>,
+    dst: SocketAddr,
+) -> Result<(), Failure> {
+    s.write_all(connect_request(creds, dst).as_bytes())?;
+
+    let head = read_head(s)?;
+    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
+    let line = &head[..line_end];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some((code, reason)) = parse_status_line(line) else {
+        return Err(Failure::Protocol(Violation::HttpStatusLine(printable(
+            &String::from_utf8_lossy(line),
+        ))));
+    };
+    if (200..300).contains(&code) {
+        return Ok(());
     }
+    let status = HttpStatus { code, reason };
+    // tinyproxy answers a wrong password with 401, the RFC says 407.
+    if code == 407 || code == 401 {
+        return Err(Failure::Auth(AuthFailure::Http {
+            status,
+            credentials_given: creds.is_some(),
+        }));
+    }
+    Err(Failure::Refused(Refusal::Http(status)))
+}
 
-    /// Reads the response head up to and including its blank line, and not
-    /// one byte more: peek, then consume only what belongs to the head.
-    /// Reading byte by byte would be as exact but costs a syscall per byte.
-    fn read_http_head(&self, s: &mut TcpStream) -> Result<Vec<u8>, String> {
-        let mut head = Vec::new();
-        let mut buf = vec![0u8; MAX_HTTP_HEAD];
-        loop {
-            let room = MAX_HTTP_HEAD - head.len();
-            let n = loop {
-                match s.peek(&mut buf[..room]) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(self.io_failure(&e)),
-                }
-            };
-            if n == 0 {
-                return Err(self.io_failure(&io::ErrorKind::UnexpectedEof.into()));
+/// The request head, blank line included.
+fn connect_request(creds: Option<&Credentials>, dst: SocketAddr) -> String {
+    // Not SocketAddrV6's Display: a zone id means nothing to the proxy.
+    let target = match dst {
+        SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(creds) = creds {
+        let mut pair = creds.user.clone();
+        pair.push(b':');
+        pair.extend_from_slice(&creds.pass);
+        req.push_str(&format!("Proxy-Authorization: Basic {}\r\n", base64(&pair)));
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// Reads the response head up to and including its blank line, and not
+/// one byte more: peek, then consume only what belongs to the head.
+/// Reading byte by byte would be as exact but costs a syscall per byte.
+fn read_head(s: &mut TcpStream) -> Result<Vec<u8>, Failure> {
+    let mut head = Vec::new();
+    let mut buf = vec![0u8; MAX_HEAD];
+    loop {
+        let room = MAX_HEAD - head.len();
+        let n = loop {
+            match s.peek(&mut buf[..room]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Failure::Io(e)),
             }
-            let old_len = head.len();
-            head.extend_from_slice(&buf[..n]);
-            // The blank line may straddle two peeks; back up far enough to
-            // see a "\r\n\r\n" whose first three bytes were already consumed.
-            let end = head_end(&head, old_len.saturating_sub(3));
-            let take = end.map_or(n, |end| end - old_len);
-            head.truncate(old_len + take);
-            // Already peeked, so this returns at once with the same bytes.
-            self.recv(s, &mut buf[..take])?;
-            if end.is_some() {
-                return Ok(head);
-            }
-            if head.len() >= MAX_HTTP_HEAD {
-                return Err(format!(
-                    "{} sent a response head larger than 16 KiB",
-                    self.who()
-                ));
-            }
+        };
+        if n == 0 {
+            return Err(Failure::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        let old_len = head.len();
+        head.extend_from_slice(&buf[..n]);
+        // The blank line may straddle two peeks; back up far enough to
+        // see a "\r\n\r\n" whose first three bytes were already consumed.
+        let end = head_end(&head, old_len.saturating_sub(3));
+        let take = end.map_or(n, |end| end - old_len);
+        head.truncate(old_len + take);
+        // Already peeked, so this returns at once with the same bytes.
+        s.read_exact(&mut buf[..take])?;
+        if end.is_some() {
+            return Ok(head);
+        }
+        if head.len() >= MAX_HEAD {
+            return Err(Failure::Protocol(Violation::HttpHeadTooLarge));
         }
     }
 }
@@ -166,8 +166,9 @@ mod tests {
     use std::thread;
     use std::time::Duration;
 
-    use super::super::mock::*;
     use super::*;
+    use crate::upstream::mock::*;
+    use crate::upstream::Upstream;
 
     #[test]
     fn http_handshake_times_out_while_waiting_for_the_status_line() {
@@ -181,7 +182,7 @@ mod tests {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(200)))
             .unwrap();
-        let r = up.handshake(&mut s, dst4());
+        let r = up.handshake(&mut s, dst4()).map_err(|e| e.to_string());
         drop(s);
         join(h);
         assert_eq!(
@@ -320,7 +321,7 @@ mod tests {
         let (r, _, up) = run("http://", dst4(), |mut s| {
             read_request_head(&mut s);
             let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
-            head.resize(MAX_HTTP_HEAD + 100, b'a');
+            head.resize(MAX_HEAD + 100, b'a');
             // The client stops reading at the cap and closes, so this may fail.
             let _ = s.write_all(&head);
         });

@@ -9,7 +9,7 @@
 //! user-space buffer.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 
 use crate::error::{self, io_text};
@@ -83,44 +83,219 @@ impl Upstream {
     /// Asks the proxy, over `stream` (connected to `addr()`, blocking, with
     /// the caller's timeouts), to connect to `dst`. On success the stream is
     /// a raw tunnel to `dst` and nothing past the proxy's reply was read.
-    pub fn handshake(&self, stream: &mut TcpStream, dst: SocketAddr) -> Result<(), String> {
+    pub fn handshake(&self, stream: &mut TcpStream, dst: SocketAddr) -> Result<(), HandshakeError> {
         let dst = unmap(dst);
+        let creds = self.creds.as_ref();
         match self.kind {
-            Kind::Socks5 => self.socks5(stream, dst),
-            Kind::HttpConnect => self.http_connect(stream, dst),
+            Kind::Socks5 => socks5::handshake(stream, creds, dst),
+            Kind::HttpConnect => http::handshake(stream, creds, dst),
+        }
+        .map_err(|failure| HandshakeError {
+            proxy: self.kind,
+            addr: self.addr,
+            failure,
+        })
+    }
+}
+
+/// Why a handshake failed. Its `Display` is the reason in the connection's
+/// log line, which users and tests grep for: the texts are an interface.
+#[derive(Debug)]
+pub struct HandshakeError {
+    proxy: Kind,
+    addr: SocketAddr,
+    failure: Failure,
+}
+
+/// What went wrong, by kind; the protocol code returns these and
+/// `Upstream::handshake` adds which proxy said it.
+#[derive(Debug)]
+enum Failure {
+    /// The proxy closed the connection, went silent past the timeout, or
+    /// the socket failed.
+    Io(io::Error),
+    /// The peer does not speak the protocol, or breaks it.
+    Protocol(Violation),
+    /// The proxy wants credentials that were not given, or rejected them.
+    Auth(AuthFailure),
+    /// The proxy understood the request and would not, or could not, connect.
+    Refused(Refusal),
+}
+
+#[derive(Debug)]
+enum Violation {
+    /// A SOCKS5 reply whose version byte is not 5.
+    Socks5Version(u8),
+    /// The SOCKS5 server chose an authentication method that was not offered.
+    Socks5MethodNotOffered(u8),
+    /// A SOCKS5 reply's bound address has an unknown type, hence length.
+    Socks5AddressType(u8),
+    /// An HTTP status line that does not parse, already made printable.
+    HttpStatusLine(String),
+    /// An HTTP response head longer than `http::MAX_HEAD`.
+    HttpHeadTooLarge,
+}
+
+#[derive(Debug)]
+enum AuthFailure {
+    /// The SOCKS5 server chose username/password, and there is none.
+    Socks5CredentialsMissing,
+    /// The SOCKS5 server answered "no acceptable methods" (0xFF).
+    Socks5NoAcceptableMethod { offered_password: bool },
+    /// RFC 1929 sub-negotiation returned a non-zero status.
+    Socks5Rejected,
+    /// An HTTP 407 (or 401, as tinyproxy sends for a wrong password).
+    Http {
+        status: HttpStatus,
+        credentials_given: bool,
+    },
+}
+
+#[derive(Debug)]
+enum Refusal {
+    /// A non-zero SOCKS5 reply code (REP).
+    Socks5(u8),
+    /// An HTTP status outside 2xx, other than an authentication one.
+    Http(HttpStatus),
+}
+
+/// A status code and its reason phrase, the latter already made printable:
+/// the proxy chose its bytes, and they end up in the log.
+#[derive(Debug)]
+struct HttpStatus {
+    code: u16,
+    reason: String,
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        Failure::Io(e)
+    }
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // "SOCKS5 proxy 127.0.0.1:1080": how every handshake error names the peer.
+        let (name, addr) = (self.proxy.name(), self.addr);
+        match &self.failure {
+            Failure::Io(e) => match e.kind() {
+                io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::WriteZero => write!(
+                    f,
+                    "upstream {name} proxy {addr} closed the connection during the handshake"
+                ),
+                // SO_RCVTIMEO/SO_SNDTIMEO expiry surfaces as EAGAIN.
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    write!(
+                        f,
+                        "upstream {name} proxy {addr} timed out during the handshake"
+                    )
+                }
+                _ => write!(
+                    f,
+                    "upstream {name} proxy {addr} failed during the handshake: {}",
+                    io_text(e)
+                ),
+            },
+            Failure::Protocol(v) => write!(f, "{name} proxy {addr} {v}"),
+            Failure::Auth(a) => write!(f, "{name} proxy {addr} {a}"),
+            Failure::Refused(r) => write!(f, "{name} proxy {addr} {r}"),
         }
     }
+}
 
-    /// "SOCKS5 proxy 127.0.0.1:1080": how every handshake error names the peer.
-    fn who(&self) -> String {
-        format!("{} proxy {}", self.kind.name(), self.addr)
+impl std::error::Error for HandshakeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.failure {
+            Failure::Io(e) => Some(e),
+            _ => None,
+        }
     }
-    fn send(&self, s: &mut TcpStream, buf: &[u8]) -> Result<(), String> {
-        s.write_all(buf).map_err(|e| self.io_failure(&e))
-    }
+}
 
-    fn recv(&self, s: &mut TcpStream, buf: &mut [u8]) -> Result<(), String> {
-        s.read_exact(buf).map_err(|e| self.io_failure(&e))
-    }
-
-    fn io_failure(&self, e: &io::Error) -> String {
-        match e.kind() {
-            io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::WriteZero => {
-                format!(
-                    "upstream {} closed the connection during the handshake",
-                    self.who()
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::Socks5Version(v) => write!(
+                f,
+                "answered with version 0x{v:02x} instead of 5: is it a SOCKS5 proxy?"
+            ),
+            Violation::Socks5MethodNotOffered(m) => write!(
+                f,
+                "chose authentication method 0x{m:02x}, which was not offered"
+            ),
+            Violation::Socks5AddressType(t) => {
+                write!(f, "sent a reply with unknown address type {t}")
+            }
+            Violation::HttpStatusLine(line) => write!(
+                f,
+                "sent a malformed status line '{line}': is it an HTTP proxy?"
+            ),
+            Violation::HttpHeadTooLarge => {
+                write!(
+                    f,
+                    "sent a response head larger than {} KiB",
+                    http::MAX_HEAD / 1024
                 )
             }
-            // SO_RCVTIMEO/SO_SNDTIMEO expiry surfaces as EAGAIN.
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                format!("upstream {} timed out during the handshake", self.who())
+        }
+    }
+}
+
+impl fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthFailure::Socks5CredentialsMissing => {
+                f.write_str("requires authentication (method 0x02) but no credentials were given")
             }
-            _ => format!(
-                "upstream {} failed during the handshake: {}",
-                self.who(),
-                io_text(e)
+            AuthFailure::Socks5NoAcceptableMethod {
+                offered_password: false,
+            } => f.write_str(
+                "requires authentication: it accepted none of the offered methods \
+                 (no authentication); give user:pass in the URL",
+            ),
+            AuthFailure::Socks5NoAcceptableMethod {
+                offered_password: true,
+            } => f.write_str(
+                "accepted none of the offered authentication methods \
+                 (no authentication, username/password)",
+            ),
+            AuthFailure::Socks5Rejected => f.write_str("rejected the username/password"),
+            AuthFailure::Http {
+                status,
+                credentials_given,
+            } => write!(
+                f,
+                "{status} ({})",
+                if *credentials_given {
+                    "the credentials were rejected"
+                } else {
+                    "no credentials were given"
+                }
             ),
         }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Socks5(code) => {
+                write!(f, "refused: {} (reply {code})", socks5::reply_text(*code))
+            }
+            Refusal::Http(status) => write!(f, "{status}"),
+        }
+    }
+}
+
+impl fmt::Display for HttpStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "answered {}", self.code)?;
+        if !self.reason.is_empty() {
+            write!(f, " {}", self.reason)?;
+        }
+        Ok(())
     }
 }
 
@@ -174,8 +349,9 @@ mod mock {
         }
     }
 
-    /// Runs one handshake against `script`; returns its result and the
-    /// stream, from which the test can read what followed the reply.
+    /// Runs one handshake against `script`; returns its result (the error as
+    /// the log line shows it) and the stream, from which the test can read
+    /// what followed the reply.
     pub(super) fn run(
         url_prefix: &str,
         dst: SocketAddr,
@@ -186,7 +362,7 @@ mod mock {
         let mut s = TcpStream::connect(up.addr()).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         s.set_write_timeout(Some(WAIT)).unwrap();
-        let r = up.handshake(&mut s, dst);
+        let r = up.handshake(&mut s, dst).map_err(|e| e.to_string());
         join(h);
         (r, s, up)
     }

@@ -1,8 +1,9 @@
 //! SOCKS5 (RFC 1928) with username/password authentication (RFC 1929).
 
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 
-use super::{Credentials, Upstream};
+use super::{AuthFailure, Credentials, Failure, Refusal, Violation};
 
 const SOCKS_VERSION: u8 = 5;
 const METHOD_NONE: u8 = 0x00;
@@ -15,129 +16,110 @@ const ATYP_IPV6: u8 = 4;
 /// RFC 1929 versions its sub-negotiation separately from SOCKS itself.
 const USERPASS_VERSION: u8 = 1;
 /// RFC 1929 sends each length in one byte.
-pub(super) const SOCKS_MAX_CREDENTIAL: usize = 255;
+pub(super) const MAX_CREDENTIAL: usize = 255;
 
-impl Upstream {
-    pub(super) fn socks5(&self, s: &mut TcpStream, dst: SocketAddr) -> Result<(), String> {
-        let greeting: &[u8] = if self.creds.is_some() {
-            &[SOCKS_VERSION, 2, METHOD_NONE, METHOD_USERPASS]
-        } else {
-            &[SOCKS_VERSION, 1, METHOD_NONE]
-        };
-        self.send(s, greeting)?;
-        let mut choice = [0u8; 2];
-        self.recv(s, &mut choice)?;
-        self.check_socks_version(choice[0])?;
-        match (choice[1], &self.creds) {
-            (METHOD_NONE, _) => {}
-            (METHOD_USERPASS, Some(creds)) => self.socks5_auth(s, creds)?,
-            (METHOD_USERPASS, None) => {
-                return Err(format!(
-                    "{} requires authentication (method 0x02) but no credentials were given",
-                    self.who()
-                ))
-            }
-            // A conforming server that wants a password answers "no
-            // acceptable method" to a client that offered none.
-            (METHOD_NO_ACCEPTABLE, None) => {
-                return Err(format!(
-                    "{} requires authentication: it accepted none of the offered methods \
-                     (no authentication); give user:pass in the URL",
-                    self.who()
-                ))
-            }
-            (METHOD_NO_ACCEPTABLE, Some(_)) => {
-                return Err(format!(
-                    "{} accepted none of the offered authentication methods \
-                     (no authentication, username/password)",
-                    self.who()
-                ))
-            }
-            (method, _) => {
-                return Err(format!(
-                    "{} chose authentication method 0x{method:02x}, which was not offered",
-                    self.who()
-                ))
-            }
+/// Greeting, authentication if the server picks it, then CONNECT; reads the
+/// reply to its last byte and not one byte further.
+pub(super) fn handshake(
+    s: &mut TcpStream,
+    creds: Option<&Credentials>,
+    dst: SocketAddr,
+) -> Result<(), Failure> {
+    let greeting: &[u8] = if creds.is_some() {
+        &[SOCKS_VERSION, 2, METHOD_NONE, METHOD_USERPASS]
+    } else {
+        &[SOCKS_VERSION, 1, METHOD_NONE]
+    };
+    s.write_all(greeting)?;
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice)?;
+    check_version(choice[0])?;
+    match (choice[1], creds) {
+        (METHOD_NONE, _) => {}
+        (METHOD_USERPASS, Some(creds)) => authenticate(s, creds)?,
+        (METHOD_USERPASS, None) => {
+            return Err(Failure::Auth(AuthFailure::Socks5CredentialsMissing))
         }
-
-        let mut req = vec![SOCKS_VERSION, CMD_CONNECT, 0];
-        match dst.ip() {
-            IpAddr::V4(ip) => {
-                req.push(ATYP_IPV4);
-                req.extend_from_slice(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                req.push(ATYP_IPV6);
-                req.extend_from_slice(&ip.octets());
-            }
+        // A conforming server that wants a password answers "no
+        // acceptable method" to a client that offered none.
+        (METHOD_NO_ACCEPTABLE, creds) => {
+            return Err(Failure::Auth(AuthFailure::Socks5NoAcceptableMethod {
+                offered_password: creds.is_some(),
+            }))
         }
-        req.extend_from_slice(&dst.port().to_be_bytes());
-        self.send(s, &req)?;
-
-        // VER REP RSV ATYP, then BND.ADDR and BND.PORT, whose length ATYP decides.
-        let mut head = [0u8; 4];
-        self.recv(s, &mut head)?;
-        self.check_socks_version(head[0])?;
-        if head[1] != 0 {
-            return Err(format!(
-                "{} refused: {} (reply {})",
-                self.who(),
-                socks_reply_text(head[1]),
-                head[1]
-            ));
-        }
-        let bound_len = match head[3] {
-            ATYP_IPV4 => 4 + 2,
-            ATYP_IPV6 => 16 + 2,
-            ATYP_DOMAIN => {
-                let mut len = [0u8; 1];
-                self.recv(s, &mut len)?;
-                usize::from(len[0]) + 2
-            }
-            atyp => {
-                // Its length is unknown, so the tunnel would start mid-reply.
-                return Err(format!(
-                    "{} sent a reply with unknown address type {atyp}",
-                    self.who()
-                ));
-            }
-        };
-        let mut bound = [0u8; 255 + 2];
-        self.recv(s, &mut bound[..bound_len])
+        (method, _) => return Err(Failure::Protocol(Violation::Socks5MethodNotOffered(method))),
     }
 
-    fn socks5_auth(&self, s: &mut TcpStream, creds: &Credentials) -> Result<(), String> {
-        let mut msg = Vec::with_capacity(3 + creds.user.len() + creds.pass.len());
-        msg.push(USERPASS_VERSION);
-        // parse() capped both at 255 bytes, so the casts cannot truncate.
-        msg.push(creds.user.len() as u8);
-        msg.extend_from_slice(&creds.user);
-        msg.push(creds.pass.len() as u8);
-        msg.extend_from_slice(&creds.pass);
-        self.send(s, &msg)?;
-        let mut reply = [0u8; 2];
-        self.recv(s, &mut reply)?;
-        // The version byte is not checked: some servers answer 5 instead of 1,
-        // and the status alone says whether we are in.
-        if reply[1] != 0 {
-            return Err(format!("{} rejected the username/password", self.who()));
-        }
-        Ok(())
-    }
+    s.write_all(&connect_request(dst))?;
 
-    fn check_socks_version(&self, version: u8) -> Result<(), String> {
-        if version == SOCKS_VERSION {
-            return Ok(());
-        }
-        Err(format!(
-            "{} answered with version 0x{version:02x} instead of 5: is it a SOCKS5 proxy?",
-            self.who()
-        ))
+    // VER REP RSV ATYP, then BND.ADDR and BND.PORT, whose length ATYP decides.
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head)?;
+    check_version(head[0])?;
+    if head[1] != 0 {
+        return Err(Failure::Refused(Refusal::Socks5(head[1])));
     }
+    let bound_len = match head[3] {
+        ATYP_IPV4 => 4 + 2,
+        ATYP_IPV6 => 16 + 2,
+        ATYP_DOMAIN => {
+            let mut len = [0u8; 1];
+            s.read_exact(&mut len)?;
+            usize::from(len[0]) + 2
+        }
+        // Its length is unknown, so the tunnel would start mid-reply.
+        atyp => return Err(Failure::Protocol(Violation::Socks5AddressType(atyp))),
+    };
+    let mut bound = [0u8; 255 + 2];
+    s.read_exact(&mut bound[..bound_len])?;
+    Ok(())
 }
 
-fn socks_reply_text(code: u8) -> &'static str {
+/// VER CMD RSV, then DST.ADDR as ATYP and address, then DST.PORT.
+fn connect_request(dst: SocketAddr) -> Vec<u8> {
+    let mut req = vec![SOCKS_VERSION, CMD_CONNECT, 0];
+    match dst.ip() {
+        IpAddr::V4(ip) => {
+            req.push(ATYP_IPV4);
+            req.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            req.push(ATYP_IPV6);
+            req.extend_from_slice(&ip.octets());
+        }
+    }
+    req.extend_from_slice(&dst.port().to_be_bytes());
+    req
+}
+
+fn authenticate(s: &mut TcpStream, creds: &Credentials) -> Result<(), Failure> {
+    let mut msg = Vec::with_capacity(3 + creds.user.len() + creds.pass.len());
+    msg.push(USERPASS_VERSION);
+    // parse() capped both at 255 bytes, so the casts cannot truncate.
+    msg.push(creds.user.len() as u8);
+    msg.extend_from_slice(&creds.user);
+    msg.push(creds.pass.len() as u8);
+    msg.extend_from_slice(&creds.pass);
+    s.write_all(&msg)?;
+    let mut reply = [0u8; 2];
+    s.read_exact(&mut reply)?;
+    // The version byte is not checked: some servers answer 5 instead of 1,
+    // and the status alone says whether we are in.
+    if reply[1] != 0 {
+        return Err(Failure::Auth(AuthFailure::Socks5Rejected));
+    }
+    Ok(())
+}
+
+fn check_version(version: u8) -> Result<(), Failure> {
+    if version == SOCKS_VERSION {
+        return Ok(());
+    }
+    Err(Failure::Protocol(Violation::Socks5Version(version)))
+}
+
+/// RFC 1928's words for a reply code (REP).
+pub(super) fn reply_text(code: u8) -> &'static str {
     match code {
         1 => "general SOCKS server failure",
         2 => "connection not allowed by ruleset",
@@ -157,8 +139,9 @@ mod tests {
     use std::net::Ipv6Addr;
     use std::time::{Duration, Instant};
 
-    use super::super::mock::*;
     use super::*;
+    use crate::upstream::mock::*;
+    use crate::upstream::Upstream;
 
     // ---- SOCKS5 ----
 
@@ -403,6 +386,22 @@ mod tests {
     }
 
     #[test]
+    fn socks5_upstream_resetting_mid_handshake_names_the_reason() {
+        let (r, _, up) = run("socks5://", dst4(), |s| {
+            // Closing with the greeting unread makes the kernel answer with
+            // a RST instead of a FIN.
+            assert!(s.peek(&mut [0u8; 3]).unwrap() > 0);
+        });
+        assert_eq!(
+            r,
+            Err(format!(
+                "upstream SOCKS5 proxy {} failed during the handshake: Connection reset by peer",
+                up.addr()
+            ))
+        );
+    }
+
+    #[test]
     fn socks5_reply_from_something_else_names_the_version() {
         let (r, _, up) = run("socks5://", dst4(), |mut s| {
             expect(&mut s, &[5, 1, 0]);
@@ -432,7 +431,7 @@ mod tests {
         s.set_write_timeout(Some(Duration::from_millis(200)))
             .unwrap();
         let start = Instant::now();
-        let r = up.handshake(&mut s, dst4());
+        let r = up.handshake(&mut s, dst4()).map_err(|e| e.to_string());
         let took = start.elapsed();
         drop(s);
         join(h);

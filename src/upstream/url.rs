@@ -56,8 +56,7 @@ pub(super) fn parse(url: &str) -> error::Result<Upstream> {
                 return Err(bad("empty username"));
             }
             if kind == Kind::Socks5
-                && (user.len() > socks5::SOCKS_MAX_CREDENTIAL
-                    || pass.len() > socks5::SOCKS_MAX_CREDENTIAL)
+                && (user.len() > socks5::MAX_CREDENTIAL || pass.len() > socks5::MAX_CREDENTIAL)
             {
                 return Err(bad(
                     "SOCKS5 allows at most 255 bytes each for username and password",
