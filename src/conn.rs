@@ -136,7 +136,7 @@ fn through_upstream(
         .and_then(|_| s.set_read_timeout(Some(timeout)))
         .and_then(|_| s.set_write_timeout(Some(timeout)))
         .map_err(|e| io_text(&e))?;
-    up.handshake(&mut s, dst)?;
+    up.handshake(&mut s, dst).map_err(|e| e.to_string())?;
     s.set_nonblocking(true).map_err(|e| io_text(&e))?;
     Ok(s)
 }

@@ -1,0 +1,391 @@
+//! Chaining through an upstream proxy: instead of dialing the original
+//! destination, ktproxy dials a SOCKS5 (RFC 1928/1929) or HTTP CONNECT proxy
+//! and asks it to connect on the client's behalf.
+//!
+//! The handshake runs on a blocking socket and consumes exactly the bytes of
+//! the proxy's reply. Whatever the destination sends right after that reply
+//! (an SSH or SMTP banner, say) must still be in the kernel's receive queue
+//! when the splice relay takes over, because the relay never sees a
+//! user-space buffer.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+
+use crate::error::{self, io_text};
+
+mod http;
+mod socks5;
+mod url;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Socks5,
+    HttpConnect,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Socks5 => "SOCKS5",
+            Kind::HttpConnect => "HTTP",
+        }
+    }
+}
+
+/// Percent-decoded bytes: RFC 1929 and Basic auth carry octets, not text.
+#[derive(Clone)]
+struct Credentials {
+    user: Vec<u8>,
+    pass: Vec<u8>,
+}
+
+impl fmt::Debug for Credentials {
+    // A stray {:?} in a log line must not leak the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &String::from_utf8_lossy(&self.user))
+            .field("pass", &"***")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    kind: Kind,
+    addr: SocketAddr,
+    creds: Option<Credentials>,
+    /// The URL as given, password replaced by "***".
+    shown: String,
+}
+
+impl Upstream {
+    /// Parses `socks5://[user:pass@]host:port` or `http://[user:pass@]host:port`
+    /// and resolves the host once, at start-up.
+    pub fn parse(url: &str) -> error::Result<Upstream> {
+        url::parse(url)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    #[cfg(test)]
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The URL for logs, password replaced by "***".
+    pub fn display(&self) -> String {
+        self.shown.clone()
+    }
+
+    /// Asks the proxy, over `stream` (connected to `addr()`, blocking, with
+    /// the caller's timeouts), to connect to `dst`. On success the stream is
+    /// a raw tunnel to `dst` and nothing past the proxy's reply was read.
+    pub fn handshake(&self, stream: &mut TcpStream, dst: SocketAddr) -> Result<(), HandshakeError> {
+        let dst = unmap(dst);
+        let creds = self.creds.as_ref();
+        match self.kind {
+            Kind::Socks5 => socks5::handshake(stream, creds, dst),
+            Kind::HttpConnect => http::handshake(stream, creds, dst),
+        }
+        .map_err(|failure| HandshakeError {
+            proxy: self.kind,
+            addr: self.addr,
+            failure,
+        })
+    }
+}
+
+/// Why a handshake failed. Its `Display` is the reason in the connection's
+/// log line, which users and tests grep for: the texts are an interface.
+#[derive(Debug)]
+pub struct HandshakeError {
+    proxy: Kind,
+    addr: SocketAddr,
+    failure: Failure,
+}
+
+/// What went wrong, by kind; the protocol code returns these and
+/// `Upstream::handshake` adds which proxy said it.
+#[derive(Debug)]
+enum Failure {
+    /// The proxy closed the connection, went silent past the timeout, or
+    /// the socket failed.
+    Io(io::Error),
+    /// The peer does not speak the protocol, or breaks it.
+    Protocol(Violation),
+    /// The proxy wants credentials that were not given, or rejected them.
+    Auth(AuthFailure),
+    /// The proxy understood the request and would not, or could not, connect.
+    Refused(Refusal),
+}
+
+#[derive(Debug)]
+enum Violation {
+    /// A SOCKS5 reply whose version byte is not 5.
+    Socks5Version(u8),
+    /// The SOCKS5 server chose an authentication method that was not offered.
+    Socks5MethodNotOffered(u8),
+    /// A SOCKS5 reply's bound address has an unknown type, hence length.
+    Socks5AddressType(u8),
+    /// An HTTP status line that does not parse, already made printable.
+    HttpStatusLine(String),
+    /// An HTTP response head longer than `http::MAX_HEAD`.
+    HttpHeadTooLarge,
+}
+
+#[derive(Debug)]
+enum AuthFailure {
+    /// The SOCKS5 server chose username/password, and there is none.
+    Socks5CredentialsMissing,
+    /// The SOCKS5 server answered "no acceptable methods" (0xFF).
+    Socks5NoAcceptableMethod { offered_password: bool },
+    /// RFC 1929 sub-negotiation returned a non-zero status.
+    Socks5Rejected,
+    /// An HTTP 407 (or 401, as tinyproxy sends for a wrong password).
+    Http {
+        status: HttpStatus,
+        credentials_given: bool,
+    },
+}
+
+#[derive(Debug)]
+enum Refusal {
+    /// A non-zero SOCKS5 reply code (REP).
+    Socks5(u8),
+    /// An HTTP status outside 2xx, other than an authentication one.
+    Http(HttpStatus),
+}
+
+/// A status code and its reason phrase, the latter already made printable:
+/// the proxy chose its bytes, and they end up in the log.
+#[derive(Debug)]
+struct HttpStatus {
+    code: u16,
+    reason: String,
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        Failure::Io(e)
+    }
+}
+
+impl fmt::Display for HandshakeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // "SOCKS5 proxy 127.0.0.1:1080": how every handshake error names the peer.
+        let (name, addr) = (self.proxy.name(), self.addr);
+        match &self.failure {
+            Failure::Io(e) => match e.kind() {
+                io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::WriteZero => write!(
+                    f,
+                    "upstream {name} proxy {addr} closed the connection during the handshake"
+                ),
+                // SO_RCVTIMEO/SO_SNDTIMEO expiry surfaces as EAGAIN.
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    write!(
+                        f,
+                        "upstream {name} proxy {addr} timed out during the handshake"
+                    )
+                }
+                _ => write!(
+                    f,
+                    "upstream {name} proxy {addr} failed during the handshake: {}",
+                    io_text(e)
+                ),
+            },
+            Failure::Protocol(v) => write!(f, "{name} proxy {addr} {v}"),
+            Failure::Auth(a) => write!(f, "{name} proxy {addr} {a}"),
+            Failure::Refused(r) => write!(f, "{name} proxy {addr} {r}"),
+        }
+    }
+}
+
+impl std::error::Error for HandshakeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.failure {
+            Failure::Io(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Violation::Socks5Version(v) => write!(
+                f,
+                "answered with version 0x{v:02x} instead of 5: is it a SOCKS5 proxy?"
+            ),
+            Violation::Socks5MethodNotOffered(m) => write!(
+                f,
+                "chose authentication method 0x{m:02x}, which was not offered"
+            ),
+            Violation::Socks5AddressType(t) => {
+                write!(f, "sent a reply with unknown address type {t}")
+            }
+            Violation::HttpStatusLine(line) => write!(
+                f,
+                "sent a malformed status line '{line}': is it an HTTP proxy?"
+            ),
+            Violation::HttpHeadTooLarge => {
+                write!(
+                    f,
+                    "sent a response head larger than {} KiB",
+                    http::MAX_HEAD / 1024
+                )
+            }
+        }
+    }
+}
+
+impl fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AuthFailure::Socks5CredentialsMissing => {
+                f.write_str("requires authentication (method 0x02) but no credentials were given")
+            }
+            AuthFailure::Socks5NoAcceptableMethod {
+                offered_password: false,
+            } => f.write_str(
+                "requires authentication: it accepted none of the offered methods \
+                 (no authentication); give user:pass in the URL",
+            ),
+            AuthFailure::Socks5NoAcceptableMethod {
+                offered_password: true,
+            } => f.write_str(
+                "accepted none of the offered authentication methods \
+                 (no authentication, username/password)",
+            ),
+            AuthFailure::Socks5Rejected => f.write_str("rejected the username/password"),
+            AuthFailure::Http {
+                status,
+                credentials_given,
+            } => write!(
+                f,
+                "{status} ({})",
+                if *credentials_given {
+                    "the credentials were rejected"
+                } else {
+                    "no credentials were given"
+                }
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Socks5(code) => {
+                write!(f, "refused: {} (reply {code})", socks5::reply_text(*code))
+            }
+            Refusal::Http(status) => write!(f, "{status}"),
+        }
+    }
+}
+
+impl fmt::Display for HttpStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "answered {}", self.code)?;
+        if !self.reason.is_empty() {
+            write!(f, " {}", self.reason)?;
+        }
+        Ok(())
+    }
+}
+
+/// An IPv6 socket dialing ::ffff:a.b.c.d reaches an IPv4 host; asking the
+/// proxy for the IPv4 address works even where the proxy has no IPv6.
+fn unmap(dst: SocketAddr) -> SocketAddr {
+    match dst {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => dst,
+        },
+        SocketAddr::V4(_) => dst,
+    }
+}
+
+/// A one-connection mock proxy and what the protocol tests do with it.
+#[cfg(test)]
+mod mock {
+    use std::io::Read;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::thread;
+    use std::time::Duration;
+
+    use super::Upstream;
+
+    pub(super) const WAIT: Duration = Duration::from_secs(5);
+
+    pub(super) fn dst4() -> SocketAddr {
+        "93.184.216.34:443".parse().unwrap()
+    }
+
+    /// A one-connection proxy on 127.0.0.1 running `script` on the accepted
+    /// socket; the script's assertions fail the test through join().
+    pub(super) fn mock(
+        script: impl FnOnce(TcpStream) + Send + 'static,
+    ) -> (SocketAddr, thread::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let h = thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(WAIT)).unwrap();
+            s.set_nodelay(true).unwrap();
+            script(s);
+        });
+        (addr, h)
+    }
+
+    pub(super) fn join(h: thread::JoinHandle<()>) {
+        if let Err(panic) = h.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// Runs one handshake against `script`; returns its result (the error as
+    /// the log line shows it) and the stream, from which the test can read
+    /// what followed the reply.
+    pub(super) fn run(
+        url_prefix: &str,
+        dst: SocketAddr,
+        script: impl FnOnce(TcpStream) + Send + 'static,
+    ) -> (Result<(), String>, TcpStream, Upstream) {
+        let (addr, h) = mock(script);
+        let up = Upstream::parse(&format!("{url_prefix}{addr}")).unwrap();
+        let mut s = TcpStream::connect(up.addr()).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_write_timeout(Some(WAIT)).unwrap();
+        let r = up.handshake(&mut s, dst).map_err(|e| e.to_string());
+        join(h);
+        (r, s, up)
+    }
+
+    pub(super) fn expect(s: &mut TcpStream, want: &[u8]) {
+        let mut got = vec![0u8; want.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, want);
+    }
+
+    pub(super) fn read_request_head(s: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    pub(super) fn rest_of(mut s: TcpStream) -> Vec<u8> {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        rest
+    }
+}
