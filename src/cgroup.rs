@@ -12,9 +12,10 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
+
 use crate::error::{io_text, Context, Error, Result};
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const OWN_PREFIX: &str = "ktproxy-";
 
 /// Where the cgroup v2 hierarchy is mounted (e.g. /sys/fs/cgroup, or
@@ -80,15 +81,9 @@ pub fn check_dir(path: &Path) -> Result<PathBuf> {
     if !meta.is_dir() {
         return Err(Error::new(format!("cgroup {shown}: not a directory")));
     }
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| Error::new(format!("cgroup {shown}: path contains a NUL byte")))?;
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid C string, st a valid out-pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(Error::new(format!("cgroup {shown}: {}", io_text(&e))));
-    }
-    if st.f_type as i64 != CGROUP2_SUPER_MAGIC {
+    let st =
+        statfs(path).map_err(|e| Error::new(format!("cgroup {shown}: {}", io_text(&e.into()))))?;
+    if st.filesystem_type() != CGROUP2_SUPER_MAGIC {
         return Err(Error::new(format!(
             "cgroup {shown}: not a cgroup v2 directory (cgroup v1 and ordinary directories cannot be used)"
         )));

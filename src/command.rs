@@ -64,8 +64,7 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
     let mut cmd = Command::new(prog);
     cmd.args(args);
     let mut creds = None;
-    // SAFETY: getpid cannot fail.
-    let ktproxy_pid = unsafe { libc::getpid() };
+    let ktproxy_pid = nix::unistd::getpid().as_raw();
     if let Some(u) = user {
         cmd.env("HOME", &u.home)
             .env("USER", &u.name)
@@ -74,7 +73,9 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
     }
     // SAFETY: the closure runs between fork and exec and makes only
     // async-signal-safe calls (write, setgroups, setgid, setuid, prctl,
-    // getppid, pthread_sigmask) on data prepared before the fork.
+    // getppid, pthread_sigmask) on data prepared before the fork. They stay
+    // raw libc so that this can be checked call by call against
+    // signal-safety(7), with nothing in between that might allocate.
     unsafe {
         cmd.pre_exec(move || {
             // "0" means the writing process itself.
@@ -197,7 +198,8 @@ fn exit_code(st: ExitStatus) -> i32 {
 }
 
 /// sigtimedwait: the signal, and whether another process sent it with
-/// kill(2) (as opposed to the terminal or the kernel).
+/// kill(2) (as opposed to the terminal or the kernel). Raw libc: nix 0.30 has
+/// sigwait, which neither times out nor says who sent the signal.
 fn wait_signal(set: &SigSet, timeout: Duration) -> Result<Option<(Signal, bool)>> {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs() as libc::time_t,

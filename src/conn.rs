@@ -3,7 +3,6 @@
 //! seed's per-connection lines.
 
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -142,5 +141,5 @@ fn through_upstream(
 }
 
 fn reset(s: &TcpStream) {
-    sys::set_linger_zero(s.as_raw_fd());
+    sys::set_linger_zero(s);
 }

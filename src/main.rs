@@ -258,13 +258,13 @@ fn bind_listeners(cfg: &Config) -> Result<Vec<TcpListener>> {
 }
 
 fn init_logging(level: LevelFilter) {
+    use std::io::IsTerminal;
     let config = simplelog::ConfigBuilder::new()
         .set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off)
         .build();
-    // SAFETY: isatty only inspects the descriptor.
-    let colors = if unsafe { libc::isatty(libc::STDERR_FILENO) } == 1 {
+    let colors = if std::io::stderr().is_terminal() {
         simplelog::ColorChoice::Auto
     } else {
         simplelog::ColorChoice::Never

@@ -3,7 +3,7 @@
 //! pipes (two file descriptors and a pipe buffer each).
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Mutex;
 
 use crate::sys;
@@ -26,12 +26,12 @@ impl Pipe {
         self.capacity
     }
 
-    pub fn read_fd(&self) -> RawFd {
-        self.read.as_raw_fd()
+    pub fn read_fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
     }
 
-    pub fn write_fd(&self) -> RawFd {
-        self.write.as_raw_fd()
+    pub fn write_fd(&self) -> BorrowedFd<'_> {
+        self.write.as_fd()
     }
 }
 
@@ -57,7 +57,7 @@ impl PipePool {
         let (read, write) = sys::pipe()?;
         // Beyond fs.pipe-max-size an unprivileged process is refused; then
         // the default size does.
-        let capacity = sys::set_pipe_size(write.as_raw_fd(), PIPE_SIZE).unwrap_or(64 * 1024);
+        let capacity = sys::set_pipe_size(&write, PIPE_SIZE).unwrap_or(64 * 1024);
         Ok(Pipe {
             read,
             write,
@@ -92,21 +92,20 @@ impl PipePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn release_all_closes_the_pooled_pipes() {
         let pool = PipePool::new(4);
         let p = pool.take().unwrap();
-        let fd = p.read_fd();
+        let fd = p.read_fd().as_raw_fd();
         pool.give_back(p);
         pool.release_all();
         assert_eq!(pool.pooled(), 0);
-        // SAFETY: fcntl on a descriptor number only queries it.
-        assert_eq!(
-            unsafe { libc::fcntl(fd, libc::F_GETFD) },
-            -1,
-            "pipe still open"
-        );
+        // SAFETY: fcntl on a descriptor number only queries it. Raw libc:
+        // nix wants a BorrowedFd, which a closed number must not be.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_eq!(flags, -1, "pipe still open");
     }
 
     #[test]
@@ -114,10 +113,10 @@ mod tests {
         let pool = PipePool::new(1);
         let a = pool.take().unwrap();
         let b = pool.take().unwrap();
-        let a_fd = a.read_fd();
+        let a_fd = a.read_fd().as_raw_fd();
         pool.give_back(a);
         pool.give_back(b);
         assert_eq!(pool.pooled(), 1);
-        assert_eq!(pool.take().unwrap().read_fd(), a_fd);
+        assert_eq!(pool.take().unwrap().read_fd().as_raw_fd(), a_fd);
     }
 }

@@ -4,6 +4,8 @@
 
 use std::fs;
 
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
 use crate::error::{Context, Error, Result};
 
 const CAP_NET_ADMIN: u32 = 12;
@@ -60,25 +62,13 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
 /// A thread per connection holds two sockets; let ktproxy use every file
 /// descriptor it may. Returns the new soft limit.
 pub fn raise_fd_limit() -> u64 {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: rl is a valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return 1024;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
     }
-    if rl.rlim_cur < rl.rlim_max {
-        let want = libc::rlimit {
-            rlim_cur: rl.rlim_max,
-            rlim_max: rl.rlim_max,
-        };
-        // SAFETY: want is a valid rlimit.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &want) } == 0 {
-            rl.rlim_cur = rl.rlim_max;
-        }
-    }
-    rl.rlim_cur
+    soft
 }
 
 /// How many connections this machine lets ktproxy hold at once, and which
@@ -108,13 +98,13 @@ pub fn connection_capacity(fd_limit: u64) -> (u64, &'static str) {
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default);
 /// later ones use memory cgroups and ignore it. Raising it is harmless.
 pub fn raise_memlock_limit() {
-    let inf = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: inf is a valid rlimit. Failure only matters on old kernels,
-    // where the BPF load error that follows says so.
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &inf) };
+    // Failure only matters on old kernels, where the BPF load error that
+    // follows says so.
+    let _ = setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    );
 }
 
 #[cfg(test)]

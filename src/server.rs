@@ -54,15 +54,15 @@ pub fn start(listener: TcpListener, shared: Arc<Shared>) -> Result<()> {
 /// heap-allocated handle and name, and frees a boxed closure in the new
 /// thread, which makes glibc set up a per-thread malloc cache. At thousands
 /// of threads that is ~1 KiB of memory per connection, and twice as many
-/// mappings against vm.max_map_count. This thread allocates nothing.
+/// mappings against vm.max_map_count. This thread allocates nothing. Raw
+/// libc: nix has no pthread_create.
 fn spawn(pool: &Arc<Acceptors>) -> io::Result<()> {
     extern "C" fn start(arg: *mut libc::c_void) -> *mut libc::c_void {
         // SAFETY: `arg` is the Arc leaked by spawn() for this thread.
         let pool = unsafe { Arc::from_raw(arg as *const Acceptors) };
         // For `top -H` and `ps -L`; from inside the thread it is one prctl
         // (pthread_setname_np on another thread opens a /proc file).
-        // SAFETY: a static NUL-terminated name.
-        unsafe { libc::prctl(libc::PR_SET_NAME, c"ktproxy-conn".as_ptr()) };
+        let _ = nix::sys::prctl::set_name(c"ktproxy-conn");
         // Unwinding out of an extern "C" function would abort the process.
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| accept_loop(&pool))).is_err() {
             log::error!("a connection thread panicked; its connection was dropped");

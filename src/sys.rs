@@ -1,19 +1,29 @@
 //! Thin wrappers over the socket and pipe syscalls std does not offer, so the
-//! rest of the code reads as the syscalls `strace` shows.
+//! rest of the code reads as the syscalls `strace` shows. nix types the calls
+//! it has; raw libc remains only where nix lacks the call or would cost a
+//! syscall (accept4 with the peer address, SO_ORIGINAL_DST, SO_NETNS_COOKIE).
 
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{
     Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpListener, TcpStream,
 };
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
+    SockaddrLike,
+};
 
 /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (netfilter's name; answered here by
 /// ktproxy's cgroup/getsockopt program).
 const SO_ORIGINAL_DST: libc::c_int = 80;
 const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
-/// Since Linux 5.14.
+/// Since Linux 5.14; neither nix nor libc's top level name it.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -24,34 +34,11 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-fn setsockopt_int(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: v outlives the call and its size is passed.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&v as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
 /// The address an intercepted client originally dialed.
+///
+/// Raw getsockopt: nix's `OriginalDst`/`Ip6tOriginalDst` panic when the
+/// kernel answers with another length, and the answer here comes from a BPF
+/// program or netfilter, not from us.
 pub fn original_dst(sock: &TcpStream, ipv6: bool) -> io::Result<SocketAddr> {
     // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
     let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
@@ -110,66 +97,42 @@ fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn std_to_sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: plain data; all-zero is valid.
-    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-            let sin: &mut libc::sockaddr_in =
-                unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from(*a.ip()).to_be();
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: as above, for sockaddr_in6.
-            let sin6: &mut libc::sockaddr_in6 =
-                unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            sin6.sin6_flowinfo = a.flowinfo();
-            sin6.sin6_scope_id = a.scope_id();
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
+/// Runs `f` on `addr` as a sockaddr_in or sockaddr_in6. Not nix's
+/// SockaddrStorage: that passes all its 128 bytes as the address length.
+fn with_sockaddr<R>(addr: &SocketAddr, f: impl FnOnce(&dyn SockaddrLike) -> R) -> R {
+    match *addr {
+        SocketAddr::V4(a) => f(&SockaddrIn::from(a)),
+        SocketAddr::V6(a) => f(&SockaddrIn6::from(a)),
+    }
 }
 
-fn family(addr: &SocketAddr) -> libc::c_int {
+fn family(addr: &SocketAddr) -> AddressFamily {
     if addr.is_ipv4() {
-        libc::AF_INET
+        AddressFamily::Inet
     } else {
-        libc::AF_INET6
+        AddressFamily::Inet6
     }
 }
 
 /// A listening socket with a backlog sized for bursts of connections (std's
 /// `TcpListener::bind` uses 128; the kernel caps this at net.core.somaxconn).
 pub fn listen(addr: &SocketAddr, backlog: libc::c_int) -> io::Result<TcpListener> {
-    // SAFETY: plain syscall; the fd is owned right away.
-    let fd = cvt(unsafe { libc::socket(family(addr), libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: fd is a fresh socket we own.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let fd = socket::socket(family(addr), SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if addr.is_ipv6() {
-        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
     }
     // Accepted sockets inherit TCP_NODELAY from the listener: one
     // setsockopt per connection saved.
-    set_nodelay(fd)?;
-    let (ss, len) = std_to_sockaddr(addr);
-    // SAFETY: ss holds a valid sockaddr of `len` bytes.
-    cvt(unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) })?;
-    // SAFETY: fd is a bound socket.
-    cvt(unsafe { libc::listen(fd, backlog) })?;
-    Ok(TcpListener::from(owned))
+    set_nodelay(&fd)?;
+    with_sockaddr(addr, |sa| socket::bind(fd.as_raw_fd(), sa))?;
+    socket::listen(&fd, Backlog::new(backlog)?)?;
+    Ok(TcpListener::from(fd))
 }
 
 /// accept4(2): the connection comes out non-blocking, as the relay wants it,
-/// with the peer's address, saving getpeername and fcntl calls.
+/// with the peer's address, saving getpeername and fcntl calls. Raw libc:
+/// nix's accept4 drops the address, which would cost a getpeername.
 pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     // SAFETY: plain data; all-zero is valid.
     let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
@@ -193,40 +156,32 @@ pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
 /// Connects a non-blocking socket with TCP_NODELAY set, waiting at most
 /// `timeout`. The stream stays non-blocking, as the relay wants it.
 pub fn dial(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    // SAFETY: plain syscall; the fd is owned right away.
-    let fd = cvt(unsafe {
-        libc::socket(
-            family(addr),
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
-    // SAFETY: fd is a fresh socket we own.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    set_nodelay(fd)?;
-    let (ss, len) = std_to_sockaddr(addr);
-    // SAFETY: ss holds a valid sockaddr of `len` bytes.
-    if unsafe { libc::connect(fd, (&ss as *const libc::sockaddr_storage).cast(), len) } == 0 {
-        return Ok(stream);
+    let fd = socket::socket(
+        family(addr),
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let stream = TcpStream::from(fd);
+    set_nodelay(&stream)?;
+    match with_sockaddr(addr, |sa| socket::connect(stream.as_raw_fd(), sa)) {
+        Ok(()) => return Ok(stream),
+        Err(Errno::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
     }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EINPROGRESS) {
-        return Err(err);
-    }
-    let mut pfd = [libc::pollfd {
-        fd,
-        events: libc::POLLOUT,
-        revents: 0,
-    }];
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    if poll(&mut pfd, ms)? == 0 {
+    let mut pfd = [PollFd::new(stream.as_fd(), PollFlags::POLLOUT)];
+    let wait = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    if poll(&mut pfd, wait)? == 0 {
         return Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no answer within {:.1} s", timeout.as_secs_f64()),
         ));
     }
     // Only a failed connect raises POLLERR/POLLHUP: ask for the reason then.
-    if pfd[0].revents & (libc::POLLERR | libc::POLLHUP) == 0 {
+    let failed = pfd[0]
+        .revents()
+        .is_none_or(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP));
+    if !failed {
         return Ok(stream);
     }
     match stream.take_error()? {
@@ -244,30 +199,23 @@ pub fn out_of_descriptors(e: &io::Error) -> bool {
 }
 
 /// Nagle plus delayed ACKs stalls request/response traffic by ~40 ms.
-pub fn set_nodelay(fd: RawFd) -> io::Result<()> {
-    setsockopt_int(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
+pub fn set_nodelay(sock: &impl AsFd) -> io::Result<()> {
+    Ok(socket::setsockopt(sock, sockopt::TcpNoDelay, &true)?)
 }
 
 /// Makes the next close() send RST instead of FIN: how a proxy tells the
 /// client that the destination refused or reset.
-pub fn set_linger_zero(fd: RawFd) {
+pub fn set_linger_zero(sock: &impl AsFd) {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: l outlives the call. Failure leaves a FIN close, still a close.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
+    // Failure leaves a FIN close, still a close.
+    let _ = socket::setsockopt(sock, sockopt::Linger, &l);
 }
 
-/// The kernel's cookie for the network namespace a socket lives in.
+/// The kernel's cookie for the network namespace a socket lives in. Raw
+/// getsockopt: nix has no SO_NETNS_COOKIE.
 pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
     let mut v: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
@@ -285,60 +233,45 @@ pub fn netns_cookie(fd: RawFd) -> io::Result<u64> {
 }
 
 /// poll(2), retried on EINTR. Returns how many fds are ready.
-pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
+pub fn poll(fds: &mut [PollFd], timeout: PollTimeout) -> io::Result<usize> {
     loop {
-        // SAFETY: fds is a valid slice of pollfd.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if r >= 0 {
-            return Ok(r as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match nix::poll::poll(fds, timeout) {
+            Ok(n) => return Ok(n as usize),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
 /// Non-blocking splice(2). Without SPLICE_F_MORE: it corks small writes and
 /// stalls request/response traffic by ~200 ms.
-pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+pub fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
-        // SAFETY: null offsets are valid for sockets and pipes.
-        let r = unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
-            )
-        };
-        match cvt_size(r) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
+        // No offsets: sockets and pipes have none.
+        match nix::fcntl::splice(from.as_fd(), None, to.as_fd(), None, len, flags) {
+            Err(Errno::EINTR) => continue,
+            other => return Ok(other?),
         }
     }
 }
 
 /// A pipe: (read end, write end), non-blocking and close-on-exec.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: fds has room for two descriptors.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 returned two fresh descriptors we now own.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    Ok(nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?)
 }
 
 /// F_SETPIPE_SZ; returns the size the kernel actually gave.
-pub fn set_pipe_size(fd: RawFd, size: libc::c_int) -> io::Result<usize> {
-    // SAFETY: plain fcntl on a pipe the caller owns.
-    cvt(unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) }).map(|n| n as usize)
+pub fn set_pipe_size(pipe: impl AsFd, size: libc::c_int) -> io::Result<usize> {
+    let n = nix::fcntl::fcntl(pipe, FcntlArg::F_SETPIPE_SZ(size))?;
+    Ok(n as usize)
 }
 
-pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
-    // SAFETY: plain syscall on a descriptor the caller owns.
-    cvt(unsafe { libc::shutdown(fd, libc::SHUT_WR) }).map(drop)
+pub fn shutdown_write(sock: impl AsFd) -> io::Result<()> {
+    Ok(socket::shutdown(
+        sock.as_fd().as_raw_fd(),
+        socket::Shutdown::Write,
+    )?)
 }
 
 #[cfg(test)]
@@ -346,10 +279,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sockaddr_conversion_round_trips_both_families() {
+    fn sockaddr_conversion_reads_what_nix_writes_for_both_families() {
         for a in ["127.0.0.1:8080", "[::1]:443", "[fe80::1%2]:22"] {
             let addr: SocketAddr = a.parse().unwrap();
-            let (ss, _) = std_to_sockaddr(&addr);
+            let written = socket::SockaddrStorage::from(addr);
+            // SAFETY: SockaddrStorage is a repr(C) union with a
+            // sockaddr_storage member, so it holds one in full.
+            let ss: libc::sockaddr_storage = unsafe { std::ptr::read(written.as_ptr().cast()) };
             assert_eq!(sockaddr_to_std(&ss), Some(addr), "{a}");
         }
     }
@@ -361,18 +297,14 @@ mod tests {
         let (mut b, _) = l.accept().unwrap();
         let (r, w) = pipe().unwrap();
         // Nothing to read yet: a non-blocking splice must say so, not hang.
-        let e = splice(a.as_raw_fd(), w.as_raw_fd(), 4096).unwrap_err();
+        let e = splice(&a, &w, 4096).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
         use std::io::{Read, Write};
         b.write_all(b"ping").unwrap();
-        let mut pfd = [libc::pollfd {
-            fd: a.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        assert_eq!(poll(&mut pfd, 5000).unwrap(), 1);
-        assert_eq!(splice(a.as_raw_fd(), w.as_raw_fd(), 4096).unwrap(), 4);
-        assert_eq!(splice(r.as_raw_fd(), a.as_raw_fd(), 4096).unwrap(), 4);
+        let mut pfd = [PollFd::new(a.as_fd(), PollFlags::POLLIN)];
+        assert_eq!(poll(&mut pfd, PollTimeout::from(5000u16)).unwrap(), 1);
+        assert_eq!(splice(&a, &w, 4096).unwrap(), 4);
+        assert_eq!(splice(&r, &a, 4096).unwrap(), 4);
         let mut buf = [0u8; 4];
         b.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ping");
@@ -394,6 +326,25 @@ mod tests {
             (&s).read(&mut buf).unwrap_err().kind(),
             io::ErrorKind::WouldBlock
         );
+    }
+
+    #[test]
+    fn ipv6_listeners_reuse_addresses_and_report_the_peer() {
+        // (IPV6_V6ONLY cannot be checked here: binding ::1 sets it anyway.)
+        let l = listen(&"[::1]:0".parse().unwrap(), 16).unwrap();
+        assert!(socket::getsockopt(&l, sockopt::ReuseAddr).unwrap());
+        let c = dial(&l.local_addr().unwrap(), Duration::from_secs(5)).unwrap();
+        let (_, peer) = accept(&l).unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+    }
+
+    #[test]
+    fn linger_zero_is_set() {
+        let l = listen(&"127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let c = dial(&l.local_addr().unwrap(), Duration::from_secs(5)).unwrap();
+        set_linger_zero(&c);
+        let got = socket::getsockopt(&c, sockopt::Linger).unwrap();
+        assert_eq!((got.l_onoff, got.l_linger), (1, 0));
     }
 
     #[test]
