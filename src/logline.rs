@@ -93,7 +93,10 @@ pub fn testserver_listening(addr: SocketAddr) -> String {
 
 /// The address of a [`testserver_listening`] line.
 pub fn parse_testserver_listening(line: &str) -> Option<SocketAddr> {
-    line.strip_prefix("testserver listening on ")?.trim().parse().ok()
+    line.strip_prefix("testserver listening on ")?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// What `testclient peer` prints: the peer and local address of the socket
