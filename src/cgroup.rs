@@ -21,56 +21,14 @@ const OWN_PREFIX: &str = "ktproxy-";
 /// Where the cgroup v2 hierarchy is mounted (e.g. /sys/fs/cgroup, or
 /// /sys/fs/cgroup/unified on hybrid systems).
 pub fn root() -> Result<PathBuf> {
-    let text =
-        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    mount_point(&text).ok_or_else(|| {
-        Error::new(
-            "no cgroup v2 hierarchy is mounted; ktproxy needs cgroup v2 \
-             (mount one with: mount -t cgroup2 none /sys/fs/cgroup/unified)",
-        )
-    })
-}
-
-/// First cgroup2 mount whose root is the hierarchy's root (bind mounts of a
-/// sub-tree, as containers have, show a different root).
-fn mount_point(mountinfo: &str) -> Option<PathBuf> {
-    let mut fallback = None;
-    for line in mountinfo.lines() {
-        let (pre, post) = line.split_once(" - ")?;
-        if post.split_whitespace().next() != Some("cgroup2") {
-            continue;
-        }
-        let fields: Vec<&str> = pre.split_whitespace().collect();
-        let (Some(root), Some(mnt)) = (fields.get(3), fields.get(4)) else {
-            continue;
-        };
-        let path = PathBuf::from(unescape_mount_path(mnt));
-        if *root == "/" {
-            return Some(path);
-        }
-        fallback.get_or_insert(path);
-    }
-    fallback
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo octal.
-fn unescape_mount_path(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let octal = std::str::from_utf8(&b[i + 1..i + 4]).ok();
-            if let Some(v) = octal.and_then(|t| u8::from_str_radix(t, 8).ok()) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    ktproxy::mountinfo::cgroup2_mount_point()
+        .context("reading /proc/self/mountinfo")?
+        .ok_or_else(|| {
+            Error::new(
+                "no cgroup v2 hierarchy is mounted; ktproxy needs cgroup v2 \
+                 (mount one with: mount -t cgroup2 none /sys/fs/cgroup/unified)",
+            )
+        })
 }
 
 /// Checks that `path` is a directory of the cgroup v2 hierarchy.
@@ -247,43 +205,6 @@ fn remove_stale(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const HYBRID: &str = "\
-31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
-32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
-41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-";
-
-    #[test]
-    fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
-        assert_eq!(
-            mount_point(HYBRID),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-    }
-
-    #[test]
-    fn prefers_the_mount_of_the_hierarchy_root_over_bind_mounts() {
-        let text = "\
-50 1 0:38 /sub /mnt/sub rw - cgroup2 cgroup2 rw
-51 1 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
-";
-        assert_eq!(mount_point(text), Some(PathBuf::from("/sys/fs/cgroup")));
-    }
-
-    #[test]
-    fn no_cgroup2_mount_is_none() {
-        assert_eq!(
-            mount_point("31 23 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n"),
-            None
-        );
-    }
-
-    #[test]
-    fn mount_paths_with_escaped_spaces() {
-        assert_eq!(unescape_mount_path("/a\\040b"), "/a b");
-        assert_eq!(unescape_mount_path("/plain"), "/plain");
-    }
 
     #[test]
     fn ordinary_directories_are_not_cgroups() {

@@ -13,7 +13,6 @@ mod cgroup;
 mod cli;
 mod command;
 mod conn;
-mod error;
 mod pipes;
 mod preflight;
 mod relay;
@@ -21,6 +20,10 @@ mod rules;
 mod server;
 mod sys;
 mod upstream;
+
+// Shared with the test helpers, so it lives in the library; imported here
+// so that `crate::error::...` names it in every module.
+use ktproxy::error;
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;

@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{ErrorKind, Read};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -17,22 +17,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Upper bound for one short client run.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-const LOG_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn stdout(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Runs `testclient peer ADDR` in the cgroup: (peer it saw, its local address).
-fn client_peer(cg: &TestCgroup, addr: SocketAddr) -> (SocketAddr, SocketAddr) {
-    let out = cg.run(TESTCLIENT, &["peer", &addr.to_string()], CLIENT_TIMEOUT);
-    assert!(out.status.success(), "testclient peer: {}", describe(&out));
-    parse_peer_line(&stdout(&out))
-        .unwrap_or_else(|| panic!("testclient peer printed: {}", describe(&out)))
-}
 
 // ---- relaying ---------------------------------------------------------------------
 

@@ -20,6 +20,9 @@ use std::process::exit;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ktproxy::error::io_text;
+use ktproxy::logline;
+
 const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
@@ -149,15 +152,6 @@ fn parse_num(m: &getopts::Matches, name: &str) -> Result<Option<u64>, Failure> {
     }
 }
 
-/// An I/O error as one line, without Rust's " (os error N)" suffix.
-fn os_message(e: &io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
-}
-
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
@@ -188,13 +182,13 @@ fn read_to_eof(
     let mut buf = vec![0u8; CHUNK];
     loop {
         let left = remaining(deadline).ok_or("timed out waiting for EOF")?;
-        s.set_read_timeout(Some(left)).map_err(|e| os_message(&e))?;
+        s.set_read_timeout(Some(left)).map_err(|e| io_text(&e))?;
         match s.read(&mut buf) {
             Ok(0) => return Ok(()),
             Ok(n) => sink(&buf[..n])?,
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if is_timeout(&e) => return Err("timed out waiting for EOF".into()),
-            Err(e) => return Err(format!("read: {}", os_message(&e))),
+            Err(e) => return Err(format!("read: {}", io_text(&e))),
         }
     }
 }
@@ -209,7 +203,7 @@ fn hello(addr: SocketAddr, alt: Option<SocketAddr>, count: u64) -> Result<String
         let deadline = Instant::now() + HELLO_TIMEOUT;
         let mut s = match connect(dialed, deadline) {
             Ok(s) => s,
-            Err(e) => return check(format!("connection {i} to {dialed}: {}", os_message(&e))),
+            Err(e) => return check(format!("connection {i} to {dialed}: {}", io_text(&e))),
         };
         let mut got = Vec::new();
         let read = read_to_eof(&mut s, deadline, |b| {
@@ -254,10 +248,10 @@ fn contains_addr(text: &str, addr: &str) -> bool {
 fn echo(addr: SocketAddr, bytes: u64) -> Result<String, Failure> {
     let deadline = Instant::now() + STREAM_TIMEOUT;
     let mut s = connect(addr, deadline)
-        .or_else(|e| check(format!("connect to {addr}: {}", os_message(&e))))?;
+        .or_else(|e| check(format!("connect to {addr}: {}", io_text(&e))))?;
     let mut w = s
         .try_clone()
-        .or_else(|e| check(format!("dup socket: {}", os_message(&e))))?;
+        .or_else(|e| check(format!("dup socket: {}", io_text(&e))))?;
     let writer = thread::spawn(move || -> Result<(), String> {
         let mut data = DataStream::new();
         let mut buf = vec![0u8; CHUNK];
@@ -267,11 +261,11 @@ fn echo(addr: SocketAddr, bytes: u64) -> Result<String, Failure> {
             data.fill(&mut buf[..n]);
             // The socket's write timeout (set to the deadline) bounds this.
             w.write_all(&buf[..n])
-                .map_err(|e| format!("write after {} bytes: {}", bytes - left, os_message(&e)))?;
+                .map_err(|e| format!("write after {} bytes: {}", bytes - left, io_text(&e)))?;
             left -= n as u64;
         }
         w.shutdown(Shutdown::Write)
-            .map_err(|e| format!("shutdown(Write): {}", os_message(&e)))
+            .map_err(|e| format!("shutdown(Write): {}", io_text(&e)))
     });
 
     let mut expected = DataStream::new();
@@ -321,7 +315,7 @@ fn echo(addr: SocketAddr, bytes: u64) -> Result<String, Failure> {
 fn sink(addr: SocketAddr, bytes: u64) -> Result<String, Failure> {
     let deadline = Instant::now() + STREAM_TIMEOUT;
     let mut s = connect(addr, deadline)
-        .or_else(|e| check(format!("connect to {addr}: {}", os_message(&e))))?;
+        .or_else(|e| check(format!("connect to {addr}: {}", io_text(&e))))?;
     let mut sum = Fnv1a::new();
     let mut got: u64 = 0;
     let read = read_to_eof(&mut s, deadline, |b| {
@@ -370,7 +364,7 @@ fn expect_reset(addr: SocketAddr, within: Duration) -> Result<String, Failure> {
         Err(e) if is_timeout(&e) => {
             return check(format!("connect to {addr} still pending after {limit} ms"))
         }
-        Err(e) => return check(format!("connect to {addr}: {}", os_message(&e))),
+        Err(e) => return check(format!("connect to {addr}: {}", io_text(&e))),
     };
     let still_open = || check(format!("{addr}: connection still open after {limit} ms"));
     let mut buf = [0u8; 512];
@@ -379,7 +373,7 @@ fn expect_reset(addr: SocketAddr, within: Duration) -> Result<String, Failure> {
             return still_open();
         };
         if let Err(e) = s.set_read_timeout(Some(left)) {
-            return check(format!("{addr}: setsockopt: {}", os_message(&e)));
+            return check(format!("{addr}: setsockopt: {}", io_text(&e)));
         }
         match s.read(&mut buf) {
             Ok(0) => return Ok(format!("ok: connection closed (EOF) after {} ms", ms())),
@@ -394,21 +388,21 @@ fn expect_reset(addr: SocketAddr, within: Duration) -> Result<String, Failure> {
             }
             Err(e) if is_timeout(&e) => return still_open(),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return check(format!("{addr}: read: {}", os_message(&e))),
+            Err(e) => return check(format!("{addr}: read: {}", io_text(&e))),
         }
     }
 }
 
 fn peer(addr: SocketAddr) -> Result<String, Failure> {
     let s = connect(addr, Instant::now() + HELLO_TIMEOUT)
-        .or_else(|e| check(format!("connect to {addr}: {}", os_message(&e))))?;
+        .or_else(|e| check(format!("connect to {addr}: {}", io_text(&e))))?;
     let p = s
         .peer_addr()
-        .or_else(|e| check(format!("getpeername: {}", os_message(&e))))?;
+        .or_else(|e| check(format!("getpeername: {}", io_text(&e))))?;
     let l = s
         .local_addr()
-        .or_else(|e| check(format!("getsockname: {}", os_message(&e))))?;
-    Ok(format!("peer {p} local {l}"))
+        .or_else(|e| check(format!("getsockname: {}", io_text(&e))))?;
+    Ok(logline::peer_line(p, l))
 }
 
 /// The test data: xorshift64 (13, 7, 17) from [`SEED`], 8 bytes per step,

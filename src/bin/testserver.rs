@@ -9,6 +9,9 @@ use std::process::exit;
 use std::thread;
 use std::time::Duration;
 
+use ktproxy::error::io_text;
+use ktproxy::logline;
+
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 const MAX_HEAD: usize = 64 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,17 +67,17 @@ fn main() {
         .iter()
         .map(|a| {
             TcpListener::bind(a)
-                .unwrap_or_else(|e| die(1, &format!("cannot listen on {a}: {}", os_message(&e))))
+                .unwrap_or_else(|e| die(1, &format!("cannot listen on {a}: {}", io_text(&e))))
         })
         .collect();
     let mut out = io::stdout().lock();
     for l in &listeners {
         let local = match l.local_addr() {
             Ok(a) => a,
-            Err(e) => die(1, &format!("getsockname: {}", os_message(&e))),
+            Err(e) => die(1, &format!("getsockname: {}", io_text(&e))),
         };
-        // Tests wait for this exact line, and stdout may be a pipe.
-        let _ = writeln!(out, "testserver listening on {local}");
+        // Tests and scripts wait for this line, and stdout may be a pipe.
+        let _ = writeln!(out, "{}", logline::testserver_listening(local));
     }
     let _ = out.flush();
     drop(out);
@@ -94,7 +97,7 @@ fn accept_loop(listener: TcpListener) {
             Ok((stream, peer)) => {
                 let spawned = thread::Builder::new().spawn(move || match serve(stream, peer) {
                     Err(e) if !client_gone(&e) => {
-                        eprintln!("testserver: {peer}: {}", os_message(&e))
+                        eprintln!("testserver: {peer}: {}", io_text(&e))
                     }
                     _ => {}
                 });
@@ -103,7 +106,7 @@ fn accept_loop(listener: TcpListener) {
                 }
             }
             Err(e) => {
-                eprintln!("testserver: accept: {}", os_message(&e));
+                eprintln!("testserver: accept: {}", io_text(&e));
                 // EMFILE and friends persist for a while; don't spin on them.
                 thread::sleep(Duration::from_millis(100));
             }
@@ -169,15 +172,6 @@ fn client_gone(e: &io::Error) -> bool {
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::NotConnected
     )
-}
-
-/// The error text without Rust's " (os error N)" suffix, for one-line messages.
-fn os_message(e: &io::Error) -> String {
-    let s = e.to_string();
-    match s.find(" (os error ") {
-        Some(i) => s[..i].to_string(),
-        None => s,
-    }
 }
 
 fn die(code: i32, msg: &str) -> ! {

@@ -1,0 +1,242 @@
+//! Processes the tests start: bounded waits, kill-on-drop, output through
+//! files, and the tools they need.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Environment variables that would make curl & co. use a configured proxy
+/// instead of dialing the destination themselves.
+pub const PROXY_ENV: [&str; 8] = [
+    "http_proxy",
+    "https_proxy",
+    "all_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+];
+
+pub fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("end-to-end tests need root: run sudo scripts/test.sh");
+    }
+}
+
+/// The full path of `tool`, which the tests need: a missing one fails the
+/// test (never skips it) and says how to install it.
+pub fn need(tool: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let dirs = std::env::split_paths(&path).chain(["/usr/sbin", "/sbin"].map(PathBuf::from));
+    for dir in dirs {
+        let p = dir.join(tool);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "`{tool}` is not installed, and this test needs it: run scripts/deps.sh as root \
+         (it installs microsocks, tinyproxy, busybox-static, curl, netcat, bpftool)"
+    );
+}
+
+/// A number unique within this test process, for names.
+pub fn unique() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Polls `cond` until it holds or `timeout` passes; says whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Sends `sig` to `pid`, a process this test started.
+pub fn signal(pid: i32, sig: libc::c_int) {
+    assert!(pid > 0, "refusing to signal pid {pid}");
+    // SAFETY: plain syscall; ESRCH (already gone) is fine.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Waits at most `timeout` for `child` to exit.
+pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let mut status = None;
+    wait_until(timeout, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    status
+}
+
+/// Whether process `pid` exists and has not exited (a zombie waiting for
+/// its parent, e.g. init after reparenting, has exited).
+pub fn is_running(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|st| {
+            // "pid (comm) S ...": the state follows the last ')'.
+            let after = &st[st.rfind(')')? + 1..];
+            after.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Makes the process `cmd` starts receive SIGTERM when the test dies
+/// without running its `Drop`s (say, the test run is killed): a ktproxy
+/// then detaches and cleans up. The signal comes when the spawning *thread*
+/// exits: spawn on the test's own thread.
+pub fn sigterm_when_the_test_dies(cmd: &mut Command) {
+    // SAFETY: the closure only calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The last `n` lines of `text`, for failure messages about huge logs.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A directory under $TMPDIR, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "ktproxy-test-{}-{}-{label}",
+            std::process::id(),
+            unique()
+        ));
+        fs::create_dir_all(&p).unwrap_or_else(|e| panic!("creating {}: {e}", p.display()));
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A file's text so far (invalid UTF-8 replaced); empty if it is missing.
+pub fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// A child process that is killed (SIGKILL, by pid) and reaped on drop.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    pub fn spawn(cmd: &mut Command) -> KillOnDrop {
+        KillOnDrop(
+            cmd.spawn()
+                .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}")),
+        )
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Runs `cmd` (stdin as configured: inherited by default) and collects its
+/// output, killing it if it runs longer than `timeout`: Err(what it printed)
+/// then. Output goes through files, not pipes, so grandchildren that keep a
+/// pipe open cannot make this hang.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output, Output> {
+    output_within_pid(cmd, timeout).0
+}
+
+/// `output_within`, also returning the pid the command ran as.
+pub fn output_within_pid(cmd: &mut Command, timeout: Duration) -> (Result<Output, Output>, u32) {
+    let dir = TempDir::new("out");
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let create = |p: &Path| File::create(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    cmd.stdout(create(&out)).stderr(create(&err));
+    let mut child = KillOnDrop::spawn(cmd);
+    let pid = child.0.id();
+    let status = wait_child(&mut child.0, timeout);
+    let timed_out = status.is_none();
+    let status = match status {
+        Some(s) => s,
+        None => {
+            let _ = child.0.kill();
+            child.0.wait().expect("waiting for a killed child")
+        }
+    };
+    let output = Output {
+        status,
+        stdout: fs::read(&out).unwrap_or_default(),
+        stderr: fs::read(&err).unwrap_or_default(),
+    };
+    (if timed_out { Err(output) } else { Ok(output) }, pid)
+}
+
+/// `output_within`, panicking on timeout with everything the command printed.
+pub fn run_within(cmd: &mut Command, timeout: Duration) -> Output {
+    let shown = format!("{cmd:?}");
+    output_within(cmd.stdin(Stdio::null()), timeout).unwrap_or_else(|o| {
+        panic!(
+            "{shown} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// One line per stream, for assertion messages.
+pub fn describe(o: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout).trim_end(),
+        String::from_utf8_lossy(&o.stderr).trim_end()
+    )
+}

@@ -1,0 +1,256 @@
+//! Servers for ktproxy to reach: small ones on threads of the test process
+//! (outside every test cgroup) that record their peers, and `testserver`
+//! child processes.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use ktproxy::logline::parse_testserver_listening;
+
+use super::process::{read_lossy, wait_until, KillOnDrop, TempDir};
+use super::TESTSERVER;
+
+/// A loopback TCP port nobody listens on (it was free a moment ago).
+pub fn unused_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+type Handler = fn(TcpStream);
+
+/// A TCP server on a thread of the test process (outside every test
+/// cgroup), recording the peer address of every connection it accepts.
+pub struct TestServer {
+    addr: SocketAddr,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TestServer {
+    /// `per_connection_thread`: serve each connection on its own thread
+    /// (for handlers that wait for the client), else on the accept thread.
+    pub fn start(bind: SocketAddr, handler: Handler, per_connection_thread: bool) -> TestServer {
+        let listener =
+            TcpListener::bind(bind).unwrap_or_else(|e| panic!("test server bind {bind}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (Arc::clone(&peers), Arc::clone(&stop));
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                if let Ok(peer) = conn.peer_addr() {
+                    p.lock().unwrap().push(peer);
+                }
+                if per_connection_thread {
+                    thread::spawn(move || handler(conn));
+                } else {
+                    handler(conn);
+                }
+            }
+        });
+        TestServer { addr, peers, stop }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Peers of the connections accepted so far, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        self.peers.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` until at least `n` connections were accepted.
+    pub fn wait_peers(&self, n: usize, timeout: Duration) -> Vec<SocketAddr> {
+        let mut peers = Vec::new();
+        if !wait_until(timeout, || {
+            peers = self.peers();
+            peers.len() >= n
+        }) {
+            panic!(
+                "server {} accepted {} connections within {timeout:?}, expected {n}",
+                self.addr,
+                peers.len()
+            );
+        }
+        peers
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so that it sees the flag and closes the socket.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+/// Per-connection sockets of the servers give up after this long.
+const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+macro_rules! server_kind {
+    ($(#[$doc:meta])* $name:ident, $handler:expr, $threaded:expr) => {
+        $(#[$doc])*
+        pub struct $name(TestServer);
+
+        impl $name {
+            /// On 127.0.0.1, a free port.
+            pub fn start() -> $name {
+                Self::start_on("127.0.0.1:0".parse().unwrap())
+            }
+
+            pub fn start_on(bind: SocketAddr) -> $name {
+                $name(TestServer::start(bind, $handler, $threaded))
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = TestServer;
+            fn deref(&self) -> &TestServer {
+                &self.0
+            }
+        }
+    };
+}
+
+server_kind!(
+    /// Writes its own address (`SocketAddr` Display) and "\n", then closes.
+    HelloServer,
+    hello,
+    false
+);
+server_kind!(
+    /// Sends back everything it reads; on EOF, shuts down its writing side.
+    EchoServer,
+    echo,
+    true
+);
+server_kind!(
+    /// Reads until EOF, then answers `got N bytes\n` and closes.
+    ReplyAfterEofServer,
+    reply_after_eof,
+    true
+);
+
+/// Starts a HelloServer on `ip`, a free port.
+pub fn hello_on(ip: &str) -> HelloServer {
+    let ip: IpAddr = ip.parse().expect("an IP address");
+    HelloServer::start_on(SocketAddr::new(ip, 0))
+}
+
+/// `-p` list naming these servers' ports.
+pub fn ports_of(servers: &[&TestServer]) -> String {
+    servers
+        .iter()
+        .map(|s| s.addr().port().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn hello(mut s: TcpStream) {
+    if let Ok(local) = s.local_addr() {
+        let _ = s.write_all(format!("{local}\n").as_bytes());
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+fn echo(mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(SERVER_IO_TIMEOUT));
+    let _ = s.set_write_timeout(Some(SERVER_IO_TIMEOUT));
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+fn reply_after_eof(mut s: TcpStream) {
+    let _ = s.set_read_timeout(Some(SERVER_IO_TIMEOUT));
+    let mut buf = [0u8; 16 * 1024];
+    let mut total = 0usize;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+    let _ = s.write_all(format!("got {total} bytes\n").as_bytes());
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// A `testserver` child process (killed on drop), e.g. `testserver -l
+/// 127.0.0.1:0` or the same under `ip netns exec`, with the addresses it
+/// announced.
+pub struct ServerProcess {
+    pub addrs: Vec<SocketAddr>,
+    _child: KillOnDrop,
+    _dir: TempDir,
+}
+
+impl ServerProcess {
+    /// `cmd` must print one `testserver listening on ADDR` line per address;
+    /// waits up to 10 s for `expected` of them.
+    pub fn start(cmd: &mut Command, expected: usize) -> ServerProcess {
+        let dir = TempDir::new("server");
+        let out = dir.path().join("out");
+        let f = File::create(&out).expect("creating the server log");
+        cmd.stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f);
+        let mut child = KillOnDrop::spawn(cmd);
+        let mut addrs = Vec::new();
+        let ok = wait_until(Duration::from_secs(10), || {
+            addrs = read_lossy(&out)
+                .lines()
+                .filter_map(parse_testserver_listening)
+                .collect();
+            addrs.len() >= expected || matches!(child.0.try_wait(), Ok(Some(_)))
+        });
+        if !ok || addrs.len() < expected {
+            panic!("{cmd:?} did not start:\n{}", read_lossy(&out));
+        }
+        ServerProcess {
+            addrs,
+            _child: child,
+            _dir: dir,
+        }
+    }
+
+    /// `testserver -l 127.0.0.1:0`.
+    pub fn testserver() -> ServerProcess {
+        Self::start(Command::new(TESTSERVER).args(["-l", "127.0.0.1:0"]), 1)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+}
+
+/// Checks that `body` is what the `testserver` at `server` answers.
+pub fn assert_body_from(body: &str, server: SocketAddr) {
+    assert!(
+        body.contains(&format!("Hello from testserver at {server},")),
+        "the reply does not come from the testserver at {server}: {body:?}"
+    );
+}
