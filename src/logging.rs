@@ -35,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, SigmaskHow};
 
 /// Room for about 2,500 typical lines (~100 bytes): the lines of some 400
 /// connections while stderr stalls. Its pages are touched only as it fills.
@@ -247,9 +248,16 @@ pub fn init(level: LevelFilter) {
     }
     log::set_max_level(level);
     let colour = io::stderr().is_terminal() && env_allows_colour();
+    // The thread starts with every signal blocked: main() waits for SIGTERM
+    // and friends with sigwait, and a thread that left them unblocked would
+    // take them and die of them.
+    let old = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK);
     let started = std::thread::Builder::new()
         .name("ktproxy-log".into())
         .spawn(move || state.serve(colour, write_stderr));
+    if let Ok(old) = old {
+        let _ = old.thread_set_mask();
+    }
     if let Err(e) = started {
         // Without the thread nothing would reach stderr: say so there.
         eprintln!("ktproxy: cannot start the logging thread: {e}");

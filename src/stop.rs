@@ -7,12 +7,19 @@
 //!
 //! Nothing is kept per connection for the reset. At exit, ktproxy walks its
 //! own descriptor table (/proc/self/fd) and sets SO_LINGER {on, 0} on every
-//! TCP socket that is not a listener; the exit that follows closes them, and
-//! with a zero linger the kernel sends RST instead of FIN and drops what is
-//! still queued (tcp_close -> tcp_disconnect). A registry of live sockets
-//! would cost every connection two updates of a shared table and a slot; the
-//! walk costs two getsockopt calls per descriptor, once, at exit (about
-//! 10 ms for 10,000 descriptors).
+//! TCP socket whose outgoing stream is unfinished; the exit that follows
+//! closes them, and with a zero linger the kernel sends RST instead of FIN
+//! and drops what is still queued (tcp_close -> tcp_disconnect). A registry
+//! of live sockets would cost every connection two updates of a shared
+//! table and a slot; the walk costs one or two getsockopt calls per
+//! descriptor, once, at exit (a few ms for 10,000 descriptors).
+//!
+//! Unfinished means the relay has not forwarded an end of stream into the
+//! socket yet: TCP state ESTABLISHED or CLOSE_WAIT (or still connecting). A
+//! socket the relay has shut down for writing (FIN_WAIT1/2, CLOSING,
+//! LAST_ACK) carries a complete stream, its queued tail included: it closes
+//! normally and the peer gets every byte and the FIN. (The kernel still
+//! resets it if it holds unread data, e.g. a reply to a client that is gone.)
 
 use std::time::{Duration, Instant};
 
@@ -82,14 +89,17 @@ pub fn reset_open_connections() {
     let open = conn::live();
     let sockets = linger_zero_all();
     if sockets > 0 {
-        info!("resetting {open} connection(s) still open ({sockets} TCP sockets)");
+        info!(
+            "resetting {sockets} socket(s) whose stream is unfinished ({open} connection(s) \
+             still open)"
+        );
     }
 }
 
-/// Sets SO_LINGER {1, 0} on every connected (non-listening) TCP socket of
-/// the process; returns how many.
+/// Sets SO_LINGER {1, 0} on every TCP socket of the process whose outgoing
+/// stream is unfinished; returns how many.
 fn linger_zero_all() -> usize {
-    let reset = |fd: libc::c_int| is_tcp_connection(fd) && set_linger_zero(fd);
+    let reset = |fd: libc::c_int| is_unfinished_tcp(fd) && set_linger_zero(fd);
     // stdio are not ours to reset, even when they are sockets.
     match std::fs::read_dir("/proc/self/fd") {
         Ok(dir) => dir
@@ -110,37 +120,45 @@ fn linger_zero_all() -> usize {
     }
 }
 
-/// getsockopt(SOL_SOCKET, name) as an int; None if it fails (not a socket).
-fn sockopt_int(fd: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+/// Whether `fd` is a TCP socket that has not sent its FIN (see the module).
+/// The state is the first byte of struct tcp_info.
+fn is_unfinished_tcp(fd: libc::c_int) -> bool {
+    // SAFETY: tcp_info is plain data; all-zero is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // Raw libc on a descriptor number, not a BorrowedFd: a connection thread
     // may close it meanwhile. Then the call fails with EBADF, or acts on
-    // whatever of ours took the number, which is about to be reset as well.
-    // SAFETY: v has room for len bytes.
+    // whatever of ours took the number, which is about to be handled alike.
+    // SAFETY: info has room for len bytes.
     let r = unsafe {
         libc::getsockopt(
             fd,
-            libc::SOL_SOCKET,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
             &mut len,
         )
     };
-    (r == 0).then_some(v)
+    // Not TCP (or not a socket): an error. Listeners are in LISTEN.
+    r == 0
+        && matches!(
+            i32::from(info.tcpi_state),
+            TCP_ESTABLISHED | TCP_SYN_SENT | TCP_SYN_RECV | TCP_CLOSE_WAIT
+        )
 }
 
-fn is_tcp_connection(fd: libc::c_int) -> bool {
-    sockopt_int(fd, libc::SO_PROTOCOL) == Some(libc::IPPROTO_TCP)
-        && sockopt_int(fd, libc::SO_ACCEPTCONN) == Some(0)
-}
+/// include/net/tcp_states.h; libc does not name them.
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE_WAIT: i32 = 8;
 
 fn set_linger_zero(fd: libc::c_int) -> bool {
     let l = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: l is a valid linger; see sockopt_int about the raw number.
+    // SAFETY: l is a valid linger; see is_unfinished_tcp about the raw number.
     let r = unsafe {
         libc::setsockopt(
             fd,
@@ -161,16 +179,23 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     #[test]
-    fn the_walk_finds_connected_tcp_sockets_but_not_listeners_or_pipes() {
+    fn the_walk_picks_connections_with_unfinished_streams_only() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (b, _) = l.accept().unwrap();
         let (r, _w) = crate::sys::pipe().unwrap();
-        assert!(is_tcp_connection(a.as_raw_fd()));
-        assert!(is_tcp_connection(b.as_raw_fd()));
-        assert!(!is_tcp_connection(l.as_raw_fd()));
-        assert!(!is_tcp_connection(r.as_raw_fd()));
-        assert!(!is_tcp_connection(1_000_000));
+        assert!(is_unfinished_tcp(a.as_raw_fd()));
+        assert!(is_unfinished_tcp(b.as_raw_fd()));
+        assert!(!is_unfinished_tcp(l.as_raw_fd()));
+        assert!(!is_unfinished_tcp(r.as_raw_fd()));
+        assert!(!is_unfinished_tcp(1_000_000));
+        // b has sent its FIN: its stream is complete (FIN_WAIT). a has
+        // received it and has not sent its own (CLOSE_WAIT).
+        b.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!((&a).read(&mut buf).unwrap(), 0);
+        assert!(!is_unfinished_tcp(b.as_raw_fd()));
+        assert!(is_unfinished_tcp(a.as_raw_fd()));
     }
 
     #[test]

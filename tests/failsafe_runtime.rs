@@ -384,40 +384,19 @@ fn a_transfer_in_progress_completes_intact_when_descriptors_run_out() {
     proxy.wait_log("Proxy connection established", LOG_TIMEOUT);
 
     // Room for a few more descriptors only (prlimit on ktproxy), then idle
-    // connections that take them all.
-    let limit = (fd_count(pid) + 16) as libc::rlim_t;
-    let rl = libc::rlimit {
-        rlim_cur: limit,
-        rlim_max: limit,
-    };
-    // SAFETY: prlimit with a valid new limit and no old-limit pointer.
-    let r = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &rl,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(r, 0, "prlimit: {}", io::Error::last_os_error());
-    let script = format!(
-        "import socket, sys\n\
-         held = [socket.create_connection(('{}', {}), timeout=5) for _ in range(40)]\n\
-         print('held', len(held), flush=True)\n\
-         sys.stdin.read()\n",
-        echo.addr().ip(),
-        echo.addr().port()
-    );
-    let mut holder = KillOnDrop::spawn(
-        cg.command(python())
-            .args(["-c", &script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
+    // connections that take them all, as a local user can.
+    set_fd_limit(pid, fd_count(pid) + 16);
+    let holder = hold_connections(&cg, echo.addr(), 40);
     proxy.wait_log("Too many open files", LOG_TIMEOUT);
-    // Pooled pipes are closed when accept runs out: then no pipe is left
-    // for the transfer's next bytes.
+    // Which of ktproxy's pipes are still pooled then depends on the order of
+    // accepts, dials and resets. Pin the state: no descriptor at all can be
+    // opened any more, and more connections waiting in the backlog make
+    // accept fail, which closes the pooled pipes. Then the transfer's next
+    // bytes find no pipe.
+    // (Not lower: poll(2) refuses more descriptors than the limit, EINVAL.)
+    assert!(fd_count(pid) > 16);
+    set_fd_limit(pid, 16);
+    let more = hold_connections(&cg, echo.addr(), 10);
     let relay_pipes = || {
         pipes_of(pid)
             .into_iter()
@@ -445,7 +424,44 @@ fn a_transfer_in_progress_completes_intact_when_descriptors_run_out() {
         "the copy path was not taken:\n{}",
         tail(&log, 20)
     );
-    drop(holder.0.stdin.take());
+    drop((holder, more));
+}
+
+/// prlimit(RLIMIT_NOFILE) on process `pid`, soft and hard. Below the number
+/// of descriptors open, it only stops new ones.
+fn set_fd_limit(pid: u32, limit: usize) {
+    let rl = libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: limit as libc::rlim_t,
+    };
+    // SAFETY: prlimit with a valid new limit and no old-limit pointer.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &rl,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", io::Error::last_os_error());
+}
+
+/// A process in `cg` holding `n` idle connections to `addr` until dropped.
+fn hold_connections(cg: &TestCgroup, addr: SocketAddr, n: usize) -> KillOnDrop {
+    let script = format!(
+        "import socket, sys\n\
+         held = [socket.create_connection(('{}', {}), timeout=5) for _ in range({n})]\n\
+         sys.stdin.read()\n",
+        addr.ip(),
+        addr.port()
+    );
+    KillOnDrop::spawn(
+        cg.command(python())
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
 }
 
 // ---- stopping ends streams with a reset -----------------------------------------
@@ -476,7 +492,7 @@ fn stop_mid_download_resets_the_client(sig: libc::c_int, name: &str) {
     assert_reset(&out, name);
     let log = proxy.log();
     assert!(
-        log.contains("resetting 1 connection(s) still open"),
+        log.contains("resetting 2 socket(s) whose stream is unfinished (1 connection(s)"),
         "{}",
         tail(&log, 10)
     );
@@ -599,14 +615,43 @@ fn a_second_signal_ends_the_drain_at_once() {
     server.go();
 }
 
-/// A server that reads one upload slowly to EOF: (bytes, checksum, whether
-/// it ended with a clean EOF).
-fn slow_upload_server() -> (SocketAddr, mpsc::Receiver<(usize, u64, io::Result<()>)>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+/// What an upload server saw: bytes, their checksum, and how the stream
+/// ended (Ok: a clean EOF).
+type Upload = (usize, u64, io::Result<()>);
+
+/// A server for one upload with a small receive buffer (so that ktproxy,
+/// not the server's kernel, holds what the server has not read). It starts
+/// reading when `start` says so (or at once), pausing `pause` after each
+/// 64 KiB, and reports what it got.
+fn upload_server(
+    pause: Duration,
+    start: Option<mpsc::Receiver<()>>,
+) -> (SocketAddr, mpsc::Receiver<Upload>) {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType};
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    // Set before listen: accepted sockets inherit it, without autotuning.
+    socket::setsockopt(&fd, sockopt::RcvBuf, &16384).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let sa = socket::SockaddrIn::from(match any {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!(),
+    });
+    socket::bind(fd.as_raw_fd(), &sa).unwrap();
+    socket::listen(&fd, Backlog::new(4).unwrap()).unwrap();
+    let l = TcpListener::from(fd);
     let addr = l.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         let Ok((mut c, _)) = l.accept() else { return };
+        if let Some(start) = start {
+            let _ = start.recv_timeout(Duration::from_secs(60));
+        }
         let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
         let mut got = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -616,30 +661,38 @@ fn slow_upload_server() -> (SocketAddr, mpsc::Receiver<(usize, u64, io::Result<(
                 Ok(n) => got.extend_from_slice(&buf[..n]),
                 Err(e) => break Err(e),
             }
-            // About 30 MB/s: still reading after the client has exited.
-            thread::sleep(Duration::from_millis(2));
+            thread::sleep(pause);
         };
         let _ = tx.send((got.len(), fnv1a(&got), end));
     });
     (addr, rx)
 }
 
-#[test]
-fn with_command_an_upload_sent_just_before_command_exits_is_delivered_whole() {
-    require_root();
-    const LEN: usize = 4 << 20;
-    let (addr, result) = slow_upload_server();
-    // COMMAND sends, closes and exits at once; ktproxy's relay is still
-    // delivering when COMMAND is gone.
+/// COMMAND for `ktproxy -- COMMAND`: uploads `len` bytes of `pattern` to
+/// `addr`, closes and exits at once, while ktproxy still has bytes to
+/// deliver. `len` must fit into the socket buffers on the way unless the
+/// server reads.
+fn uploader(addr: SocketAddr, len: usize) -> Vec<String> {
     let script = format!(
         "import socket\n\
+         data = bytes(((i * 0x9e3779b97f4a7c15) & (2**64 - 1)) >> 56 for i in range({len}))\n\
          s = socket.create_connection(('{}', {}), timeout=10)\n\
-         s.sendall(bytes(((i * 0x9e3779b97f4a7c15) & (2**64 - 1)) >> 56 for i in range({LEN})))\n\
+         s.sendall(data)\n\
          s.close()\n",
         addr.ip(),
         addr.port()
     );
-    let (out, _) = run_command(&["-v"], &[python(), "-c", &script], RUN_TIMEOUT);
+    vec![python().to_string(), "-c".to_string(), script]
+}
+
+#[test]
+fn with_command_drain_delivers_an_upload_whose_sender_has_exited() {
+    require_root();
+    const LEN: usize = 8 << 20;
+    // About 13 MB/s: reading goes on well after COMMAND is gone.
+    let (addr, result) = upload_server(Duration::from_millis(5), None);
+    let cmd = uploader(addr, LEN);
+    let (out, _) = run_command(&["-v", "--drain", "10"], &as_strs(&cmd), RUN_TIMEOUT);
     assert_eq!(exit_code(&out), 0, "{}", describe(&out));
     assert!(
         stderr(&out).contains("Proxy connection established"),
@@ -651,7 +704,113 @@ fn with_command_an_upload_sent_just_before_command_exits_is_delivered_whole() {
         .expect("the server saw no end of the upload");
     assert!(
         end.is_ok() && n == LEN,
-        "the server got {n} of {LEN} bytes, then {end:?}"
+        "the server got {n} of {LEN} bytes, then {end:?}\n{}",
+        tail(&stderr(&out), 10)
     );
     assert_eq!(sum, fnv1a(&pattern(LEN)), "the upload arrived corrupted");
+}
+
+#[test]
+fn with_command_an_upload_still_undelivered_after_the_grace_is_reset_not_cut_clean() {
+    require_root();
+    // The server reads nothing until ktproxy has exited. COMMAND writes
+    // until its socket takes no more (ktproxy cannot pass anything on),
+    // closes and exits: what it sent is stuck in ktproxy.
+    let (go, start) = mpsc::channel();
+    let (addr, result) = upload_server(Duration::ZERO, Some(start));
+    let script = format!(
+        "import socket, time\n\
+         s = socket.create_connection(('{}', {}), timeout=10)\n\
+         s.setblocking(False)\n\
+         chunk, sent, idle = bytes(65536), 0, 0\n\
+         while idle < 50:\n\
+         \x20   try:\n\
+         \x20       sent += s.send(chunk); idle = 0\n\
+         \x20   except BlockingIOError:\n\
+         \x20       idle += 1; time.sleep(0.01)\n\
+         print('sent', sent, flush=True)\n\
+         s.close()\n",
+        addr.ip(),
+        addr.port()
+    );
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(&["-v"], &[python(), "-c", &script]));
+    let out = run.finish(RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    let sent: usize = stdout(&out)
+        .trim()
+        .strip_prefix("sent ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", describe(&out)));
+    go.send(()).unwrap();
+    let (n, _, end) = result
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server saw no end of the upload");
+    assert!(
+        end.is_err() && n < sent,
+        "the server got {n} of {sent} bytes, then {end:?}: a clean end of a cut stream"
+    );
+    // The default grace with COMMAND, then the reset.
+    let log = stderr(&out);
+    assert!(
+        log.contains("draining: waiting up to 1.0 s for 1 open connection(s)")
+            && log.contains("socket(s) whose stream is unfinished (1 connection(s) still open)"),
+        "{}",
+        tail(&log, 10)
+    );
+}
+
+#[test]
+fn stopping_after_the_server_has_finished_delivers_the_complete_stream_with_a_clean_end() {
+    require_root();
+    const LEN: usize = 32 * 1024;
+    let cg = TestCgroup::new("stop_complete");
+    // Sends LEN bytes and closes: the stream is complete.
+    let server = PacedServer::start(LEN, LEN);
+    server.go();
+    let mut proxy = Proxy::start(&cg, &[]);
+    // The client reads only after ktproxy has exited.
+    let script = format!(
+        "import socket, sys\n\
+         s = socket.create_connection(('{}', {}), timeout=10)\n\
+         print('connected', flush=True)\n\
+         sys.stdin.readline()\n\
+         got = b''\n\
+         try:\n\
+         \x20   while True:\n\
+         \x20       b = s.recv(65536)\n\
+         \x20       if not b:\n\
+         \x20           print('eof', len(got)); break\n\
+         \x20       got += b\n\
+         except OSError as e:\n\
+         \x20   print('error', len(got), e.errno)\n",
+        server.addr.ip(),
+        server.addr.port()
+    );
+    let dir = TempDir::new("complete");
+    let out_path = dir.path().join("out");
+    let mut client = KillOnDrop::spawn(
+        cg.command(python())
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(Stdio::null()),
+    );
+    assert!(wait_until(LOG_TIMEOUT, || read_lossy(&out_path).contains("connected")));
+    server.result.recv_timeout(LOG_TIMEOUT).unwrap().unwrap();
+    proxy.wait_log("Proxy connection established", LOG_TIMEOUT);
+    // The relay forwards the server's FIN once the bytes are in the client's
+    // socket; nothing says when, so give it a moment.
+    thread::sleep(Duration::from_millis(300));
+
+    assert_eq!(proxy.stop_term().code(), Some(0));
+    let mut stdin = client.0.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    assert!(wait_child(&mut client.0, CLIENT_TIMEOUT).is_some());
+    let out = read_lossy(&out_path);
+    assert!(
+        out.contains(&format!("eof {LEN}")),
+        "a complete stream was cut at exit: {out}\n{}",
+        tail(&proxy.log(), 10)
+    );
 }
