@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use ktproxy::logline::{DROPPED, DROPPED_IN_ALL};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -58,6 +59,8 @@ struct Ring {
     write: usize,
     /// The logger thread sleeps on `wake` (producers notify only then).
     waiting: bool,
+    /// Everything before this position has been handed to stderr.
+    written: usize,
     closing: bool,
     done: bool,
 }
@@ -101,6 +104,7 @@ impl State {
                 read: 0,
                 write: 0,
                 waiting: false,
+                written: 0,
                 closing: false,
                 done: false,
             }),
@@ -145,7 +149,7 @@ impl State {
         let mut text = Vec::with_capacity(2 * BATCH);
         let mut reported = 0;
         loop {
-            let last = {
+            let (last, upto) = {
                 let mut r = self.lock();
                 while r.queued() == 0 && !r.closing {
                     r.waiting = true;
@@ -159,7 +163,7 @@ impl State {
                     let len = u16::from_le_bytes([raw[at + 2], raw[at + 3]]) as usize;
                     r.get(&mut raw, len);
                 }
-                r.closing && r.queued() == 0
+                (r.closing && r.queued() == 0, r.read)
             };
             text.clear();
             let mut rest = &raw[..];
@@ -177,24 +181,42 @@ impl State {
             }
             let dropped = self.dropped.load(Ordering::Relaxed);
             if dropped > reported {
-                let msg = format!(
-                    "{} log line(s) dropped: stderr did not keep up",
-                    dropped - reported
-                );
+                let msg = format!("{}{DROPPED}", dropped - reported);
                 format_line(&mut text, Level::Warn as u8, now(), msg.as_bytes(), colour);
                 reported = dropped;
             }
             if last && dropped > 0 {
-                let msg = format!("{dropped} log line(s) dropped in all: stderr did not keep up");
+                let msg = format!("{dropped}{DROPPED_IN_ALL}");
                 format_line(&mut text, Level::Warn as u8, now(), msg.as_bytes(), colour);
             }
             out(&text);
+            let mut r = self.lock();
+            r.written = upto;
+            r.done = last;
+            drop(r);
+            self.finished.notify_all();
             if last {
-                self.lock().done = true;
-                self.finished.notify_all();
                 return;
             }
         }
+    }
+
+    /// Waits at most `timeout` for the lines queued so far to be written.
+    fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut r = self.lock();
+        let target = r.write;
+        while r.written < target && !r.done {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            r = self
+                .finished
+                .wait_timeout(r, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
     }
 
     /// Asks the logger thread to write what is queued and the dropped
@@ -237,16 +259,14 @@ impl Log for Logger {
     fn flush(&self) {}
 }
 
-static STATE: OnceLock<State> = OnceLock::new();
+/// Set once the logger thread runs.
+static STATE: OnceLock<&'static State> = OnceLock::new();
 
-/// Installs the logger and starts its thread. Call once, first thing.
-pub fn init(level: LevelFilter) {
+/// Starts the logger thread and installs the logger. Call once, first
+/// thing. Without the thread nothing could be logged: an error then.
+pub fn init(level: LevelFilter) -> io::Result<()> {
     use std::io::IsTerminal;
-    let state = STATE.get_or_init(|| State::new(level, RING_BYTES));
-    if log::set_logger(Box::leak(Box::new(Logger(state)))).is_err() {
-        return;
-    }
-    log::set_max_level(level);
+    let state: &'static State = Box::leak(Box::new(State::new(level, RING_BYTES)));
     let colour = io::stderr().is_terminal() && env_allows_colour();
     // The thread starts with every signal blocked: main() waits for SIGTERM
     // and friends with sigwait, and a thread that left them unblocked would
@@ -258,13 +278,19 @@ pub fn init(level: LevelFilter) {
     if let Ok(old) = old {
         let _ = old.thread_set_mask();
     }
-    if let Err(e) = started {
-        // Without the thread nothing would reach stderr: say so there.
-        eprintln!("ktproxy: cannot start the logging thread: {e}");
+    started?;
+    if STATE.set(state).is_err() || log::set_logger(Box::leak(Box::new(Logger(state)))).is_err() {
+        return Err(io::Error::other("the logger is already set"));
     }
+    log::set_max_level(level);
     // A panic message goes through the ring too: the default hook writes to
-    // stderr under a lock and would block the panicking thread.
-    std::panic::set_hook(Box::new(|info| log::error!("{info}")));
+    // stderr under a lock and would block the panicking thread. The short
+    // wait gets the message out before a panicking main thread exits.
+    std::panic::set_hook(Box::new(move |info| {
+        log::error!("{info}");
+        state.flush(Duration::from_millis(200));
+    }));
+    Ok(())
 }
 
 /// termcolor's ColorChoice::Auto, which simplelog used: colour unless TERM
@@ -279,7 +305,7 @@ fn env_allows_colour() -> bool {
 
 /// Queues `text` as a line of its own, without time and level (the final
 /// `ktproxy: error: ...`), in order with the log lines. Before init(), or
-/// if the logger could not start, it goes straight to stderr.
+/// if the logger thread could not start, it goes straight to stderr.
 pub fn plain_line(text: &str) {
     match STATE.get() {
         Some(s) => s.push(RAW, 0, text.as_bytes()),
@@ -520,28 +546,34 @@ mod tests {
         let text = String::from_utf8(out).unwrap();
         let kept = text.lines().filter(|l| l.ends_with(" line")).count() as u64;
         assert_eq!(kept + dropped, 10_000, "{text}");
-        let reported: u64 = text
-            .lines()
-            .filter_map(|l| {
-                l.split_once("[WARN] ")?
-                    .1
-                    .strip_suffix(" log line(s) dropped: stderr did not keep up")
-            })
-            .map(|n| n.parse::<u64>().unwrap())
-            .sum();
+        let (reported, total) = ktproxy::logline::dropped_lines(&text);
         assert_eq!(reported, dropped, "{text}");
-        assert!(
-            text.ends_with(&format!(
-                "[WARN] {dropped} log line(s) dropped in all: stderr did not keep up\n"
-            )),
-            "{text}"
-        );
+        assert_eq!(total, Some(dropped), "{text}");
+        assert!(text.ends_with(&format!("[WARN] {dropped}{DROPPED_IN_ALL}\n")));
         // Lines keep their order.
         let ids: Vec<u64> = text
             .lines()
             .filter_map(|l| l.split_once("] #")?.1.split_once(' ')?.0.parse().ok())
             .collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    }
+
+    #[test]
+    fn flush_waits_until_the_lines_so_far_are_written() {
+        let state: &'static State = Box::leak(Box::new(State::new(LevelFilter::Info, 4096)));
+        let (rx, gate, _h) = serving(state);
+        let stuck = gate.lock().unwrap();
+        state.push(Level::Error as u8, 0, b"panicked at x");
+        assert!(
+            !state.flush(Duration::from_millis(100)),
+            "written while stuck"
+        );
+        drop(stuck);
+        assert!(state.flush(Duration::from_secs(5)));
+        let text: Vec<u8> = rx.try_iter().flatten().collect();
+        assert!(String::from_utf8(text)
+            .unwrap()
+            .contains("[ERROR] panicked at x"));
     }
 
     #[test]

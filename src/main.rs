@@ -76,7 +76,7 @@ fn main() {
 
 /// Returns the exit status: 0, or COMMAND's.
 fn run(cfg: Config) -> Result<i32> {
-    logging::init(cfg.log_level);
+    logging::init(cfg.log_level).context("starting the logging thread")?;
     preflight::check_privileges()?;
     warn_if_kernel_too_old();
     let root = cgroup::root()?;

@@ -5,8 +5,7 @@
 //! `KTPROXY_RELAY_COPY=1` in the environment, read once at start-up, makes
 //! the pool hand out no pipes at all, so that every connection takes the
 //! relay's copy path (what it does when out of descriptors): for measuring
-//! that path, not for normal use. Measured on loopback, 2 vCPUs, iperf3
-//! through ktproxy: see the README's performance notes.
+//! that path, not for normal use (relay.rs has the numbers).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

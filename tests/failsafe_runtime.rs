@@ -235,17 +235,6 @@ fn hello_connections(cg: &TestCgroup, server: SocketAddr, n: usize) -> Output {
     )
 }
 
-/// The sum of N over the log's `N log line(s) dropped<suffix>` lines.
-fn dropped_reported(log: &str, suffix: &str) -> u64 {
-    log.lines()
-        .filter_map(|l| {
-            let (_, rest) = l.split_once("] ")?;
-            let (n, tail) = rest.split_once(" log line(s) dropped")?;
-            (tail == suffix).then(|| n.parse::<u64>().ok())?
-        })
-        .sum()
-}
-
 // ---- logging never blocks the relay ---------------------------------------------
 
 #[test]
@@ -302,8 +291,8 @@ fn a_thousand_connections_succeed_while_the_stderr_reader_sleeps_and_drops_are_c
                 .is_some_and(|id| (1..=N).contains(&id))
         })
         .count() as u64;
-    let dropped = dropped_reported(&log, ": stderr did not keep up");
-    let total = dropped_reported(&log, " in all: stderr did not keep up");
+    let (dropped, total) = ktproxy::logline::dropped_lines(&log);
+    let total = total.unwrap_or_else(|| panic!("no total at exit:\n{}", tail(&log, 10)));
     eprintln!("{written} connection lines written, {dropped} dropped, {per_conn} per connection");
     assert!(dropped > 0, "nothing dropped: the test proves nothing");
     assert_eq!(
