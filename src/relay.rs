@@ -211,9 +211,7 @@ impl<'a> Half<'a> {
             }
         }
     }
-}
 
-impl Half<'_> {
     /// read(2) into the empty copy buffer: the splice path's first half,
     /// through user space.
     fn copy_in(&mut self, b: &mut [u8]) -> io::Result<()> {
