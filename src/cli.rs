@@ -35,6 +35,9 @@ pub struct Config {
     pub user: Option<String>,
     /// -u: dial destinations through this SOCKS5 or HTTP CONNECT proxy.
     pub upstream: Option<Upstream>,
+    /// --drain: on SIGTERM/SIGINT/SIGHUP, how long open connections may take
+    /// to finish (after the redirect is detached) before they are reset.
+    pub drain: Option<Duration>,
 }
 
 impl Config {
@@ -141,6 +144,15 @@ fn options() -> Options {
     o.optflag("q", "quiet", "log warnings and errors only");
     o.optflag("h", "help", "print this help");
     o.optflag("V", "version", "print the version");
+    o.optopt(
+        "",
+        "drain",
+        "on SIGTERM, SIGINT or SIGHUP, stop intercepting at once but give open connections up \
+         to this many seconds to finish; those still open then are reset, as they are at once \
+         without --drain (a second signal ends the wait; with COMMAND, the wait starts when \
+         COMMAND and what it started have exited, default 1)",
+        "SECS",
+    );
     o
 }
 
@@ -240,6 +252,7 @@ pub fn parse(args: &[String]) -> Result<Action> {
     };
 
     let upstream = m.opt_str("u").map(|u| Upstream::parse(&u)).transpose()?;
+    let drain = m.opt_str("drain").map(|s| parse_drain(&s)).transpose()?;
 
     let verbose = m.opt_count("v");
     if verbose > 0 && m.opt_present("q") {
@@ -268,7 +281,17 @@ pub fn parse(args: &[String]) -> Result<Action> {
         command,
         user,
         upstream,
+        drain,
     })))
+}
+
+fn parse_drain(s: &str) -> Result<Duration> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.0..=3600.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(Error::usage(format!(
+            "--drain: invalid value '{s}': expected seconds between 0 and 3600"
+        ))),
+    }
 }
 
 fn parse_listen(args: &[String]) -> Result<Vec<SocketAddr>> {
@@ -458,6 +481,20 @@ mod tests {
     fn unknown_options_are_usage_errors() {
         assert!(usage_error(&["-c"]).contains("c"));
         assert!(usage_error(&["--connect-timeout", "0"]).contains("--connect-timeout"));
+    }
+
+    #[test]
+    fn drain_takes_seconds_up_to_an_hour() {
+        assert_eq!(run(&[]).drain, None);
+        assert_eq!(run(&["--drain", "5"]).drain, Some(Duration::from_secs(5)));
+        assert_eq!(
+            run(&["--drain", "0.5"]).drain,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(run(&["--drain", "0"]).drain, Some(Duration::ZERO));
+        for bad in ["-1", "3601", "soon", "nan"] {
+            assert!(usage_error(&["--drain", bad]).contains("--drain: invalid value"));
+        }
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! seed's per-connection lines.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
 
 use crate::error::io_text;
-use crate::pipes::PipePool;
+use crate::pipes::{PipePool, COPY_ONLY_ENV};
 use crate::relay::relay;
 use crate::sys;
 use crate::upstream::Upstream;
@@ -31,10 +31,14 @@ impl Shared {
         connect_timeout: Duration,
         upstream: Option<Upstream>,
     ) -> Shared {
+        let copy_only = std::env::var_os(COPY_ONLY_ENV).is_some_and(|v| v == "1");
+        if copy_only {
+            warn!("{COPY_ONLY_ENV}=1: relaying through user-space buffers, not splice");
+        }
         Shared {
             // Enough for every connection with bytes in flight at once on
             // a busy machine; each pooled pipe holds two descriptors.
-            pipes: PipePool::new(64),
+            pipes: PipePool::new(64).copy_only(copy_only),
             connect_timeout,
             listen,
             upstream,
@@ -49,9 +53,37 @@ impl Shared {
     }
 }
 
+/// Connections being served right now, for the drain at exit: one atomic
+/// add and one subtract per connection.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+pub fn live() -> usize {
+    LIVE.load(Ordering::SeqCst)
+}
+
+/// Counts a connection in `LIVE` for as long as it lives.
+struct Live;
+
+impl Live {
+    fn enter() -> Live {
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// `client` comes from accept4: non-blocking, with TCP_NODELAY inherited from
 /// the listener. `local` is the listener's address.
 pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    // Declared first, dropped last: after both sockets are closed (the
+    // rebinding makes `client` a local, dropped before `_live`).
+    let _live = Live::enter();
+    let client = client;
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     info!("#{id} === New Connection ===");

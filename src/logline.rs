@@ -6,13 +6,17 @@
 //! producer and its parser here together, and prefer adding to a line over
 //! rewording it.
 //!
-//! | line (after simplelog's time and level) | producer |
+//! | line (after the time and level, see src/logging.rs) | producer |
 //! |---|---|
 //! | `ktproxy ready: listening on A and B, intercepting ..., ... (own cgroup P; room for ...)` | `run` in src/main.rs |
 //! | `detached; kernel counters: name=N name=N ...` | `run` in src/main.rs |
 //! | `#ID Connecting to target D` and `... via URL` | `serve` in src/conn.rs |
 //! | `#ID Connection closed, from C to D: N bytes sent, M bytes received, S s` | `serve` in src/conn.rs |
 //! | `#ID Connection reset, from C to D: WHY (N bytes sent, M bytes received, S s)` | `serve` in src/conn.rs |
+//! | `N log line(s) dropped: ...` after a gap, `N log line(s) dropped in all: ...` at exit | src/logging.rs, with [`dropped_lines`] |
+//! | `#ID no pipe for splice (WHY): copying through N KiB buffers instead` | `relay` in src/relay.rs |
+//! | `draining: waiting up to S s for N open connection(s) ...`, `drained: ...` | `drain` in src/stop.rs |
+//! | `resetting N socket(s) whose stream is unfinished (M connection(s) still open)` | `reset_open_connections` in src/stop.rs |
 //! | `testserver listening on ADDR` (stdout) | src/bin/testserver.rs, with [`testserver_listening`] |
 //! | `peer P local L` (stdout) | src/bin/testclient.rs, with [`peer_line`] |
 
@@ -86,6 +90,32 @@ pub fn targets(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// What follows the count in the logger's report of the lines it dropped
+/// because stderr did not keep up, after each gap.
+pub const DROPPED: &str = " log line(s) dropped: stderr did not keep up";
+/// The same at exit, with the total.
+pub const DROPPED_IN_ALL: &str = " log line(s) dropped in all: stderr did not keep up";
+
+/// (the sum of the counts of the [`DROPPED`] reports, the total of the
+/// [`DROPPED_IN_ALL`] line at exit if there is one).
+pub fn dropped_lines(log: &str) -> (u64, Option<u64>) {
+    let count = |suffix: &str| {
+        log.lines()
+            .filter_map(|l| {
+                l.strip_suffix(suffix)?
+                    .rsplit(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .collect::<Vec<_>>()
+    };
+    (
+        count(DROPPED).iter().sum(),
+        count(DROPPED_IN_ALL).last().copied(),
+    )
+}
+
 /// What `testserver` prints for each address it listens on, once bound.
 pub fn testserver_listening(addr: SocketAddr) -> String {
     format!("testserver listening on {addr}")
@@ -155,6 +185,16 @@ cgroup /sys/fs/cgroup/t, all ports (own cgroup /sys/fs/cgroup/ktproxy-7; room fo
         assert_eq!(counts, [(12, 34), (5, 0)]);
         let c = kernel_counters(log).unwrap();
         assert_eq!((c["redirected"], c["flows_claimed"], c.len()), (2, 2, 2));
+    }
+
+    #[test]
+    fn dropped_line_reports_add_up_and_the_exit_total_is_found() {
+        let log = format!(
+            "12:00:00 [INFO] #1 x\n12:00:01 [WARN] 7{DROPPED}\n12:00:02 [WARN] 5{DROPPED}\n\
+             12:00:03 [WARN] 12{DROPPED_IN_ALL}\n"
+        );
+        assert_eq!(dropped_lines(&log), (12, Some(12)));
+        assert_eq!(dropped_lines("12:00:00 [INFO] #1 x\n"), (0, None));
     }
 
     #[test]

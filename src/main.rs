@@ -13,11 +13,13 @@ mod cgroup;
 mod cli;
 mod command;
 mod conn;
+mod logging;
 mod pipes;
 mod preflight;
 mod relay;
 mod rules;
 mod server;
+mod stop;
 mod sys;
 mod upstream;
 
@@ -29,8 +31,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use log::{info, warn, LevelFilter};
+use log::{info, warn};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::cli::{Action, Config};
@@ -47,25 +50,33 @@ fn main() {
             println!("ktproxy {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Ok(Action::Run(cfg)) => match run(*cfg) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("ktproxy: error: {e}");
-                e.exit_code()
-            }
-        },
+        Ok(Action::Run(cfg)) => {
+            let code = match run(*cfg) {
+                Ok(code) => code,
+                Err(e) => {
+                    // Through the logger: stderr may be a pipe nobody reads.
+                    logging::plain_line(&format!("ktproxy: error: {e}"));
+                    e.exit_code()
+                }
+            };
+            stop::reset_open_connections();
+            // Bounded: exit must not wait for a stderr that never drains.
+            logging::finish(Duration::from_millis(500));
+            code
+        }
         Err(e) => {
             eprintln!("ktproxy: {e}");
             e.exit_code()
         }
     };
-    // Connection threads may still be relaying: exiting closes their sockets.
+    // Connection threads may still be relaying: exiting closes their sockets,
+    // with a reset (stop::reset_open_connections).
     std::process::exit(code);
 }
 
 /// Returns the exit status: 0, or COMMAND's.
 fn run(cfg: Config) -> Result<i32> {
-    init_logging(cfg.log_level);
+    logging::init(cfg.log_level).context("starting the logging thread")?;
     preflight::check_privileges()?;
     warn_if_kernel_too_old();
     let root = cgroup::root()?;
@@ -113,6 +124,13 @@ fn run(cfg: Config) -> Result<i32> {
     drop(command_cgroup);
     drop(own);
     info!("detached; kernel counters: {counters}");
+    // New connections go direct now; open ones may finish, then main()
+    // resets the rest (stop.rs).
+    stop::drain(match (&cfg.drain, cfg.command.is_empty()) {
+        (Some(d), _) => *d,
+        (None, true) => Duration::ZERO,
+        (None, false) => stop::COMMAND_GRACE,
+    });
     Ok(code)
 }
 
@@ -258,22 +276,4 @@ fn bind_listeners(cfg: &Config) -> Result<Vec<TcpListener>> {
         }
     }
     Ok(listeners)
-}
-
-fn init_logging(level: LevelFilter) {
-    use std::io::IsTerminal;
-    let config = simplelog::ConfigBuilder::new()
-        .set_target_level(LevelFilter::Off)
-        .set_thread_level(LevelFilter::Off)
-        .set_location_level(LevelFilter::Off)
-        .build();
-    let colors = if std::io::stderr().is_terminal() {
-        simplelog::ColorChoice::Auto
-    } else {
-        simplelog::ColorChoice::Never
-    };
-    let logger = simplelog::TermLogger::new(level, config, simplelog::TerminalMode::Stderr, colors);
-    if simplelog::CombinedLogger::init(vec![logger]).is_err() {
-        eprintln!("ktproxy: logger already initialised");
-    }
 }

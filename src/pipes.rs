@@ -1,6 +1,11 @@
 //! A pool of pipes for splice(2). A connection borrows a pipe only while bytes
 //! are in flight and returns it once it is empty, so idle connections hold no
 //! pipes (two file descriptors and a pipe buffer each).
+//!
+//! `KTPROXY_RELAY_COPY=1` in the environment, read once at start-up, makes
+//! the pool hand out no pipes at all, so that every connection takes the
+//! relay's copy path (what it does when out of descriptors): for measuring
+//! that path, not for normal use (relay.rs has the numbers).
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -39,7 +44,12 @@ pub struct PipePool {
     free: Mutex<Vec<Pipe>>,
     /// Pipes kept for reuse beyond this are closed instead.
     keep: usize,
+    /// KTPROXY_RELAY_COPY: hand out no pipes.
+    copy_only: bool,
 }
+
+/// The environment variable that switches splice off (see the module).
+pub const COPY_ONLY_ENV: &str = "KTPROXY_RELAY_COPY";
 
 impl PipePool {
     pub fn new(keep: usize) -> PipePool {
@@ -47,10 +57,22 @@ impl PipePool {
             // Allocated once here: connection threads never touch the heap.
             free: Mutex::new(Vec::with_capacity(keep)),
             keep,
+            copy_only: false,
         }
     }
 
+    /// A pool that hands out no pipes: every take() fails (with no errno).
+    pub fn copy_only(mut self, yes: bool) -> PipePool {
+        self.copy_only = yes;
+        self
+    }
+
+    /// A pipe, or the reason there is none: EMFILE/ENFILE when the process
+    /// or the system is out of descriptors; no errno when switched off.
     pub fn take(&self) -> io::Result<Pipe> {
+        if self.copy_only {
+            return Err(io::ErrorKind::Unsupported.into());
+        }
         if let Some(p) = self.free.lock().ok().and_then(|mut f| f.pop()) {
             return Ok(p);
         }
@@ -106,6 +128,12 @@ mod tests {
         // nix wants a BorrowedFd, which a closed number must not be.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
         assert_eq!(flags, -1, "pipe still open");
+    }
+
+    #[test]
+    fn a_copy_only_pool_hands_out_no_pipes_and_says_no_errno() {
+        let e = PipePool::new(4).copy_only(true).take().err().unwrap();
+        assert_eq!(e.raw_os_error(), None);
     }
 
     #[test]

@@ -267,6 +267,26 @@ pub fn set_pipe_size(pipe: impl AsFd, size: libc::c_int) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// read(2), retried on EINTR: the relay's copy path when it has no pipe.
+pub fn read(from: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match nix::unistd::read(from.as_fd(), buf) {
+            Err(Errno::EINTR) => continue,
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// write(2), retried on EINTR.
+pub fn write(to: impl AsFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        match nix::unistd::write(to.as_fd(), buf) {
+            Err(Errno::EINTR) => continue,
+            other => return Ok(other?),
+        }
+    }
+}
+
 pub fn shutdown_write(sock: impl AsFd) -> io::Result<()> {
     Ok(socket::shutdown(
         sock.as_fd().as_raw_fd(),

@@ -1,0 +1,811 @@
+//! End-to-end tests of ktproxy failing safe at run time (issue 10): logging
+//! never stalls the relay, running out of descriptors hurts only new
+//! connections, and stopping ends open streams with a reset, never with a
+//! clean end of stream that would pass for a complete one.
+//!
+//! They load BPF programs, so they need root:
+//!   sudo cargo test --release --test failsafe_runtime
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::process::{Child, ChildStderr, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+// ---- helpers ----------------------------------------------------------------------
+
+/// 64-bit FNV-1a, as `testclient sink` prints it.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Test data no shorter pattern repeats in.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+        .collect()
+}
+
+/// A server for one download: sends the first `first` bytes at once, the
+/// rest only after `go()`, then closes. The data's checksum is known.
+struct PacedServer {
+    addr: SocketAddr,
+    len: usize,
+    checksum: u64,
+    /// Bytes written so far.
+    sent: Arc<AtomicU64>,
+    go: mpsc::Sender<()>,
+    result: mpsc::Receiver<io::Result<()>>,
+}
+
+impl PacedServer {
+    fn start(first: usize, len: usize) -> PacedServer {
+        let data = pattern(len);
+        let checksum = fnv1a(&data);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (done, result) = mpsc::channel();
+        let s = Arc::clone(&sent);
+        thread::spawn(move || {
+            let r = (|| {
+                let (mut c, _) = l.accept()?;
+                c.set_write_timeout(Some(Duration::from_secs(60)))?;
+                for (part, wait) in [(&data[..first], false), (&data[first..], true)] {
+                    if wait && go_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                        return Err(io::Error::other("never told to go on"));
+                    }
+                    for chunk in part.chunks(64 * 1024) {
+                        c.write_all(chunk)?;
+                        s.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                    }
+                }
+                c.shutdown(Shutdown::Write)
+            })();
+            let _ = done.send(r);
+        });
+        PacedServer {
+            addr,
+            len,
+            checksum,
+            sent,
+            go,
+            result,
+        }
+    }
+
+    fn wait_sent(&self, n: usize) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.sent.load(Ordering::SeqCst)
+                >= n as u64),
+            "the server sent only {} of {n} bytes",
+            self.sent.load(Ordering::SeqCst)
+        );
+    }
+
+    fn go(&self) {
+        let _ = self.go.send(());
+    }
+
+    /// What `testclient sink` prints on success.
+    fn ok_line(&self) -> String {
+        format!(
+            "ok: received {} bytes, checksum 0x{:016x}",
+            self.len, self.checksum
+        )
+    }
+}
+
+/// Runs `testclient sink ADDR --bytes LEN` in `cg` on a thread of its own.
+fn sink_in_background(cg: &TestCgroup, server: &PacedServer) -> thread::JoinHandle<Output> {
+    let mut cmd = cg.command(TESTCLIENT);
+    cmd.args([
+        "sink",
+        &server.addr.to_string(),
+        "--bytes",
+        &server.len.to_string(),
+    ])
+    .stdin(Stdio::null());
+    thread::spawn(move || run_within(&mut cmd, CLIENT_TIMEOUT))
+}
+
+/// The client's view of a stream cut short: a reset, never a clean EOF.
+fn assert_reset(out: &Output, what: &str) {
+    assert!(
+        !out.status.success() && stderr(out).contains("Connection reset by peer"),
+        "{what}: the client should have seen a reset:\n{}",
+        describe(out)
+    );
+}
+
+/// ktproxy (cgroup mode) with its stderr into a pipe, and a reader of that
+/// pipe that stops reading after the ready line until `wake()`.
+struct PipedProxy {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<u8>>>,
+    wake: mpsc::Sender<()>,
+    reader: Option<thread::JoinHandle<()>>,
+}
+
+impl PipedProxy {
+    fn start(cg: &TestCgroup, extra: &[&str]) -> PipedProxy {
+        let mut cmd = ktproxy_command(cg, extra);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        sigterm_when_the_test_dies(&mut cmd);
+        let mut child = cmd.spawn().expect("spawning ktproxy");
+        let pipe = child.stderr.take().unwrap();
+        // One page: the ring in ktproxy, not the pipe, must absorb the lines.
+        // SAFETY: fcntl on a pipe this process owns.
+        unsafe { libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (wake, woken) = mpsc::channel();
+        let l = Arc::clone(&log);
+        let reader = thread::spawn(move || read_pipe(pipe, &l, woken));
+        let mut p = PipedProxy {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            log,
+            wake,
+            reader: Some(reader),
+        };
+        let mut ready = None;
+        wait_until(READY_TIMEOUT, || {
+            ready = ready_line(&p.log()).map(String::from);
+            ready.is_some() || matches!(p.child.try_wait(), Ok(Some(_)))
+        });
+        let line = ready.unwrap_or_else(|| panic!("ktproxy not ready:\n{}", p.log()));
+        p.addr = parse_listen_addrs(&line).unwrap()[0];
+        p
+    }
+
+    fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned()
+    }
+
+    fn wake(&self) {
+        let _ = self.wake.send(());
+    }
+
+    /// Sends `sig`; the exit status and how long the exit took, or None if
+    /// it is still running after `timeout`.
+    fn stop(&mut self, sig: libc::c_int, timeout: Duration) -> Option<(ExitStatus, Duration)> {
+        let t = Instant::now();
+        signal(self.child.id() as i32, sig);
+        wait_child(&mut self.child, timeout).map(|s| (s, t.elapsed()))
+    }
+}
+
+/// Reads until the ready line, waits for a wake-up, then reads to EOF.
+fn read_pipe(mut pipe: ChildStderr, log: &Mutex<Vec<u8>>, woken: mpsc::Receiver<()>) {
+    let mut buf = [0u8; 4096];
+    let mut asleep = true;
+    loop {
+        if asleep && String::from_utf8_lossy(&log.lock().unwrap()).contains(ktproxy::logline::READY)
+        {
+            // Sleeps until woken, or for good once the test drops the sender.
+            if woken.recv().is_err() {
+                return;
+            }
+            asleep = false;
+        }
+        match pipe.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => log.lock().unwrap().extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+impl Drop for PipedProxy {
+    fn drop(&mut self) {
+        if self.stop(libc::SIGTERM, STOP_TIMEOUT).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let own = own_cgroup_of(self.child.id());
+        let _ = remove_cgroup_dir(&own, Duration::from_secs(2));
+        self.wake();
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        if thread::panicking() {
+            eprintln!("--- ktproxy log tail ---\n{}\n---", tail(&self.log(), 40));
+        }
+    }
+}
+
+/// `testclient hello ADDR --count N` in `cg`.
+fn hello_connections(cg: &TestCgroup, server: SocketAddr, n: usize) -> Output {
+    cg.run(
+        TESTCLIENT,
+        &["hello", &server.to_string(), "--count", &n.to_string()],
+        Duration::from_secs(120),
+    )
+}
+
+// ---- logging never blocks the relay ---------------------------------------------
+
+#[test]
+fn a_thousand_connections_succeed_while_the_stderr_reader_sleeps_and_drops_are_counted() {
+    require_root();
+    const N: usize = 1000;
+    let cg = TestCgroup::new("log_reader_sleeps");
+    let server = HelloServer::start();
+    let mut proxy = PipedProxy::start(&cg, &[]);
+
+    let out = hello_connections(&cg, server.addr(), N);
+    assert!(
+        out.status.success(),
+        "connections failed while stderr was not read: {}",
+        describe(&out)
+    );
+    server.wait_peers(N, LOG_TIMEOUT);
+
+    // The reader wakes up: the drop count comes with the next lines, and the
+    // total at exit.
+    proxy.wake();
+    let reported = wait_until(LOG_TIMEOUT, || {
+        proxy
+            .log()
+            .contains("log line(s) dropped: stderr did not keep up")
+    });
+    assert!(
+        reported,
+        "no dropped-lines report:\n{}",
+        tail(&proxy.log(), 20)
+    );
+    let (status, took) = proxy
+        .stop(libc::SIGTERM, Duration::from_secs(2))
+        .expect("ktproxy still running 2 s after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{status}");
+    eprintln!("exit after SIGTERM took {took:?}");
+    if let Some(r) = proxy.reader.take() {
+        r.join().unwrap();
+    }
+
+    // Every line is accounted for: written, or counted as dropped.
+    let log = proxy.log();
+    let per_conn = log.lines().filter(|l| l.contains("] #1 ")).count();
+    assert!(
+        per_conn >= 5,
+        "connection #1 logged {per_conn} lines:\n{log}"
+    );
+    let written = log
+        .lines()
+        .filter(|l| {
+            l.split_once("] #")
+                .and_then(|(_, r)| r.split_once(' '))
+                .and_then(|(id, _)| id.parse::<usize>().ok())
+                .is_some_and(|id| (1..=N).contains(&id))
+        })
+        .count() as u64;
+    let (dropped, total) = ktproxy::logline::dropped_lines(&log);
+    let total = total.unwrap_or_else(|| panic!("no total at exit:\n{}", tail(&log, 10)));
+    eprintln!("{written} connection lines written, {dropped} dropped, {per_conn} per connection");
+    assert!(dropped > 0, "nothing dropped: the test proves nothing");
+    assert_eq!(
+        dropped,
+        total,
+        "reports and exit total disagree:\n{}",
+        tail(&log, 10)
+    );
+    assert_eq!(
+        written + dropped,
+        (per_conn * N) as u64,
+        "lines lost without being counted"
+    );
+}
+
+#[test]
+fn stderr_into_a_pipe_nobody_reads_neither_stops_proxying_nor_delays_the_exit() {
+    require_root();
+    const N: usize = 1000;
+    let cg = TestCgroup::new("log_nobody_reads");
+    let server = HelloServer::start();
+    let mut proxy = PipedProxy::start(&cg, &[]);
+
+    let out = hello_connections(&cg, server.addr(), N);
+    assert!(
+        out.status.success(),
+        "connections failed while nobody read stderr: {}",
+        describe(&out)
+    );
+    // Each went through ktproxy, not direct: the server saw ktproxy's side.
+    let peers = server.wait_peers(N, LOG_TIMEOUT);
+    assert!(peers.iter().all(|p| p.ip().is_loopback()));
+    assert_ne!(proxy.addr.port(), 0);
+
+    let (status, took) = proxy
+        .stop(libc::SIGTERM, Duration::from_secs(2))
+        .expect("ktproxy still running 2 s after SIGTERM, with stderr stuck");
+    eprintln!("exit after SIGTERM with stderr stuck took {took:?}");
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+// ---- running out of descriptors -------------------------------------------------
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// The pipes a process has open, e.g. `pipe:[1234]`.
+fn pipes_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|t| t.to_string_lossy().into_owned())
+                .filter(|t| t.starts_with("pipe:"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_transfer_in_progress_completes_intact_when_descriptors_run_out() {
+    require_root();
+    const FIRST: usize = 1 << 20;
+    const LEN: usize = 16 << 20;
+    let cg = TestCgroup::new("emfile_transfer");
+    let server = PacedServer::start(FIRST, LEN);
+    let echo = EchoServer::start();
+    let proxy = Proxy::start(&cg, &[]);
+    let pid = proxy.pid() as u32;
+    // Inherited ones (cargo's jobserver), before any relay pipe exists.
+    let inherited = pipes_of(pid);
+
+    let client = sink_in_background(&cg, &server);
+    server.wait_sent(FIRST);
+    proxy.wait_log("Proxy connection established", LOG_TIMEOUT);
+
+    // Room for a few more descriptors only (prlimit on ktproxy), then idle
+    // connections that take them all, as a local user can.
+    set_fd_limit(pid, fd_count(pid) + 16);
+    let holder = hold_connections(&cg, echo.addr(), 40);
+    proxy.wait_log("Too many open files", LOG_TIMEOUT);
+    // Which of ktproxy's pipes are still pooled then depends on the order of
+    // accepts, dials and resets. Pin the state: no descriptor at all can be
+    // opened any more, and more connections waiting in the backlog make
+    // accept fail, which closes the pooled pipes. Then the transfer's next
+    // bytes find no pipe.
+    // (Not lower: poll(2) refuses more descriptors than the limit, EINVAL.)
+    assert!(fd_count(pid) > 16);
+    set_fd_limit(pid, 16);
+    let more = hold_connections(&cg, echo.addr(), 10);
+    let relay_pipes = || {
+        pipes_of(pid)
+            .into_iter()
+            .filter(|p| !inherited.contains(p))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        wait_until(LOG_TIMEOUT, || relay_pipes().is_empty()),
+        "ktproxy still holds pipes {:?}",
+        relay_pipes()
+    );
+
+    server.go();
+    let out = client.join().unwrap();
+    assert!(
+        out.status.success() && stdout(&out).contains(&server.ok_line()),
+        "the transfer did not complete intact: {}\nktproxy log:\n{}",
+        describe(&out),
+        tail(&proxy.log(), 20)
+    );
+    server.result.recv().unwrap().expect("server side");
+    let log = proxy.log();
+    assert!(
+        log.contains("no pipe for splice (Too many open files): copying through"),
+        "the copy path was not taken:\n{}",
+        tail(&log, 20)
+    );
+    drop((holder, more));
+}
+
+/// prlimit(RLIMIT_NOFILE) on process `pid`, soft and hard. Below the number
+/// of descriptors open, it only stops new ones.
+fn set_fd_limit(pid: u32, limit: usize) {
+    let rl = libc::rlimit {
+        rlim_cur: limit as libc::rlim_t,
+        rlim_max: limit as libc::rlim_t,
+    };
+    // SAFETY: prlimit with a valid new limit and no old-limit pointer.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &rl,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", io::Error::last_os_error());
+}
+
+/// A process in `cg` holding `n` idle connections to `addr` until dropped.
+fn hold_connections(cg: &TestCgroup, addr: SocketAddr, n: usize) -> KillOnDrop {
+    let script = format!(
+        "import socket, sys\n\
+         held = [socket.create_connection(('{}', {}), timeout=5) for _ in range({n})]\n\
+         sys.stdin.read()\n",
+        addr.ip(),
+        addr.port()
+    );
+    KillOnDrop::spawn(
+        cg.command(python())
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+}
+
+// ---- stopping ends streams with a reset -----------------------------------------
+
+/// `sig` while a 6 MiB download is in flight (2 MiB delivered): the client
+/// sees a reset, not a clean EOF; ktproxy exits 0 within 2 s.
+fn stop_mid_download_resets_the_client(sig: libc::c_int, name: &str) {
+    require_root();
+    const FIRST: usize = 2 << 20;
+    const LEN: usize = 6 << 20;
+    let cg = TestCgroup::new(name);
+    let server = PacedServer::start(FIRST, LEN);
+    let mut proxy = Proxy::start(&cg, &[]);
+    let client = sink_in_background(&cg, &server);
+    server.wait_sent(FIRST);
+    proxy.wait_log("Proxy connection established", LOG_TIMEOUT);
+    // Let the first part reach the client.
+    thread::sleep(Duration::from_millis(200));
+
+    let t = Instant::now();
+    let status = proxy
+        .stop(sig, Duration::from_secs(2))
+        .unwrap_or_else(|| panic!("ktproxy still running 2 s after signal {sig}"));
+    let took = t.elapsed();
+    eprintln!("{name}: ktproxy exited in {took:?}");
+    assert_eq!(status.code(), Some(0), "{status}");
+    let out = client.join().unwrap();
+    assert_reset(&out, name);
+    let log = proxy.log();
+    assert!(
+        log.contains("resetting 2 socket(s) whose stream is unfinished (1 connection(s)"),
+        "{}",
+        tail(&log, 10)
+    );
+    server.go();
+}
+
+#[test]
+fn sigterm_mid_download_resets_the_client_never_a_clean_short_eof() {
+    stop_mid_download_resets_the_client(libc::SIGTERM, "reset_sigterm");
+}
+
+#[test]
+fn sigint_mid_download_resets_the_client_never_a_clean_short_eof() {
+    stop_mid_download_resets_the_client(libc::SIGINT, "reset_sigint");
+}
+
+#[test]
+fn sighup_mid_download_resets_the_client_never_a_clean_short_eof() {
+    stop_mid_download_resets_the_client(libc::SIGHUP, "reset_sighup");
+}
+
+#[test]
+fn drain_lets_a_short_transfer_finish_while_new_connections_go_direct() {
+    require_root();
+    const FIRST: usize = 1 << 20;
+    const LEN: usize = 2 << 20;
+    let cg = TestCgroup::new("drain_finishes");
+    let server = PacedServer::start(FIRST, LEN);
+    let hello = HelloServer::start();
+    let mut proxy = Proxy::start(&cg, &["--drain", "10"]);
+    let client = sink_in_background(&cg, &server);
+    server.wait_sent(FIRST);
+    proxy.wait_log("Proxy connection established", LOG_TIMEOUT);
+
+    signal(proxy.pid(), libc::SIGTERM);
+    proxy.wait_log(
+        "draining: waiting up to 10.0 s for 1 open connection(s)",
+        LOG_TIMEOUT,
+    );
+    // Detached first: a new connection goes direct (the server sees the
+    // client's own address).
+    let (peer, local) = client_peer(&cg, hello.addr());
+    assert_eq!(peer, hello.addr());
+    assert_eq!(hello.wait_peers(1, LOG_TIMEOUT)[0], local, "not direct");
+    assert!(
+        !proxy.exited(),
+        "ktproxy did not wait for the open connection"
+    );
+
+    server.go();
+    let out = client.join().unwrap();
+    assert!(
+        out.status.success() && stdout(&out).contains(&server.ok_line()),
+        "the transfer did not finish during the drain: {}",
+        describe(&out)
+    );
+    // It exits by itself once the connection has ended.
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(3), || proxy.exited()),
+        "ktproxy still running 3 s after its last connection ended"
+    );
+    eprintln!(
+        "drain: exit {:?} after the last connection ended",
+        t.elapsed()
+    );
+    let status = proxy.stop(libc::SIGTERM, Duration::ZERO).unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log = proxy.log();
+    assert!(
+        log.contains("drained: every connection finished"),
+        "{}",
+        tail(&log, 10)
+    );
+    assert!(!log.contains("resetting"), "{}", tail(&log, 10));
+}
+
+#[test]
+fn drain_resets_what_is_still_open_when_the_period_ends() {
+    require_root();
+    let cg = TestCgroup::new("drain_expires");
+    let server = PacedServer::start(1 << 20, 4 << 20);
+    let mut proxy = Proxy::start(&cg, &["--drain", "1"]);
+    let client = sink_in_background(&cg, &server);
+    server.wait_sent(1 << 20);
+    proxy.wait_log("Proxy connection established", LOG_TIMEOUT);
+
+    let t = Instant::now();
+    let status = proxy
+        .stop(libc::SIGTERM, Duration::from_secs(3))
+        .expect("ktproxy still running 3 s after SIGTERM with --drain 1");
+    let took = t.elapsed();
+    eprintln!("--drain 1: exit after {took:?}");
+    assert_eq!(status.code(), Some(0));
+    assert!(took >= Duration::from_millis(950), "did not wait: {took:?}");
+    assert_reset(&client.join().unwrap(), "after the drain period");
+    server.go();
+}
+
+#[test]
+fn a_second_signal_ends_the_drain_at_once() {
+    require_root();
+    let cg = TestCgroup::new("drain_cut");
+    let server = PacedServer::start(1 << 20, 4 << 20);
+    let mut proxy = Proxy::start(&cg, &["--drain", "60"]);
+    let client = sink_in_background(&cg, &server);
+    server.wait_sent(1 << 20);
+    proxy.wait_log("Proxy connection established", LOG_TIMEOUT);
+
+    signal(proxy.pid(), libc::SIGTERM);
+    proxy.wait_log("draining:", LOG_TIMEOUT);
+    let t = Instant::now();
+    let status = proxy
+        .stop(libc::SIGINT, Duration::from_secs(2))
+        .expect("ktproxy still running 2 s after a second signal");
+    eprintln!("second signal: exit after {:?}", t.elapsed());
+    assert_eq!(status.code(), Some(0));
+    assert!(proxy.log().contains("SIGINT: ending the drain"));
+    assert_reset(&client.join().unwrap(), "after the second signal");
+    server.go();
+}
+
+/// What an upload server saw: bytes, their checksum, and how the stream
+/// ended (Ok: a clean EOF).
+type Upload = (usize, u64, io::Result<()>);
+
+/// A server for one upload with a small receive buffer (so that ktproxy,
+/// not the server's kernel, holds what the server has not read). It starts
+/// reading when `start` says so (or at once), pausing `pause` after each
+/// 64 KiB, and reports what it got.
+fn upload_server(
+    pause: Duration,
+    start: Option<mpsc::Receiver<()>>,
+) -> (SocketAddr, mpsc::Receiver<Upload>) {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType};
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    // Set before listen: accepted sockets inherit it, without autotuning.
+    socket::setsockopt(&fd, sockopt::RcvBuf, &16384).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let sa = socket::SockaddrIn::from(match any {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!(),
+    });
+    socket::bind(fd.as_raw_fd(), &sa).unwrap();
+    socket::listen(&fd, Backlog::new(4).unwrap()).unwrap();
+    let l = TcpListener::from(fd);
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let Ok((mut c, _)) = l.accept() else { return };
+        if let Some(start) = start {
+            let _ = start.recv_timeout(Duration::from_secs(60));
+        }
+        let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let end = loop {
+            match c.read(&mut buf) {
+                Ok(0) => break Ok(()),
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) => break Err(e),
+            }
+            thread::sleep(pause);
+        };
+        let _ = tx.send((got.len(), fnv1a(&got), end));
+    });
+    (addr, rx)
+}
+
+/// COMMAND for `ktproxy -- COMMAND`: uploads `len` bytes of `pattern` to
+/// `addr`, closes and exits at once, while ktproxy still has bytes to
+/// deliver. `len` must fit into the socket buffers on the way unless the
+/// server reads.
+fn uploader(addr: SocketAddr, len: usize) -> Vec<String> {
+    let script = format!(
+        "import socket\n\
+         data = bytes(((i * 0x9e3779b97f4a7c15) & (2**64 - 1)) >> 56 for i in range({len}))\n\
+         s = socket.create_connection(('{}', {}), timeout=10)\n\
+         s.sendall(data)\n\
+         s.close()\n",
+        addr.ip(),
+        addr.port()
+    );
+    vec![python().to_string(), "-c".to_string(), script]
+}
+
+#[test]
+fn with_command_drain_delivers_an_upload_whose_sender_has_exited() {
+    require_root();
+    const LEN: usize = 8 << 20;
+    // About 13 MB/s: reading goes on well after COMMAND is gone.
+    let (addr, result) = upload_server(Duration::from_millis(5), None);
+    let cmd = uploader(addr, LEN);
+    let (out, _) = run_command(&["-v", "--drain", "10"], &as_strs(&cmd), RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("Proxy connection established"),
+        "not proxied: {}",
+        describe(&out)
+    );
+    let (n, sum, end) = result
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server saw no end of the upload");
+    assert!(
+        end.is_ok() && n == LEN,
+        "the server got {n} of {LEN} bytes, then {end:?}\n{}",
+        tail(&stderr(&out), 10)
+    );
+    assert_eq!(sum, fnv1a(&pattern(LEN)), "the upload arrived corrupted");
+}
+
+#[test]
+fn with_command_an_upload_still_undelivered_after_the_grace_is_reset_not_cut_clean() {
+    require_root();
+    // The server reads nothing until ktproxy has exited. COMMAND writes
+    // until its socket takes no more (ktproxy cannot pass anything on),
+    // closes and exits: what it sent is stuck in ktproxy.
+    let (go, start) = mpsc::channel();
+    let (addr, result) = upload_server(Duration::ZERO, Some(start));
+    let script = format!(
+        "import socket, time\n\
+         s = socket.create_connection(('{}', {}), timeout=10)\n\
+         s.setblocking(False)\n\
+         chunk, sent, idle = bytes(65536), 0, 0\n\
+         while idle < 50:\n\
+         \x20   try:\n\
+         \x20       sent += s.send(chunk); idle = 0\n\
+         \x20   except BlockingIOError:\n\
+         \x20       idle += 1; time.sleep(0.01)\n\
+         print('sent', sent, flush=True)\n\
+         s.close()\n",
+        addr.ip(),
+        addr.port()
+    );
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(&["-v"], &[python(), "-c", &script]));
+    let out = run.finish(RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+    let sent: usize = stdout(&out)
+        .trim()
+        .strip_prefix("sent ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{}", describe(&out)));
+    go.send(()).unwrap();
+    let (n, _, end) = result
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the server saw no end of the upload");
+    assert!(
+        end.is_err() && n < sent,
+        "the server got {n} of {sent} bytes, then {end:?}: a clean end of a cut stream"
+    );
+    // The default grace with COMMAND, then the reset.
+    let log = stderr(&out);
+    assert!(
+        log.contains("draining: waiting up to 1.0 s for 1 open connection(s)")
+            && log.contains("socket(s) whose stream is unfinished (1 connection(s) still open)"),
+        "{}",
+        tail(&log, 10)
+    );
+}
+
+#[test]
+fn stopping_after_the_server_has_finished_delivers_the_complete_stream_with_a_clean_end() {
+    require_root();
+    // More than the client's tiny receive window, less than ktproxy's
+    // send buffer: at exit, most of it is queued in ktproxy's socket after
+    // the FIN was forwarded.
+    const LEN: usize = 12 * 1024;
+    let cg = TestCgroup::new("stop_complete");
+    // Sends LEN bytes and closes: the stream is complete.
+    let server = PacedServer::start(LEN, LEN);
+    server.go();
+    let mut proxy = Proxy::start(&cg, &[]);
+    // The client reads only after ktproxy has exited.
+    let script = format!(
+        "import socket, sys\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)\n\
+         s.settimeout(10)\n\
+         s.connect(('{}', {}))\n\
+         print('connected', flush=True)\n\
+         sys.stdin.readline()\n\
+         got = b''\n\
+         try:\n\
+         \x20   while True:\n\
+         \x20       b = s.recv(65536)\n\
+         \x20       if not b:\n\
+         \x20           print('eof', len(got)); break\n\
+         \x20       got += b\n\
+         except OSError as e:\n\
+         \x20   print('error', len(got), e.errno)\n",
+        server.addr.ip(),
+        server.addr.port()
+    );
+    let dir = TempDir::new("complete");
+    let out_path = dir.path().join("out");
+    let mut client = KillOnDrop::spawn(
+        cg.command(python())
+            .args(["-c", &script])
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(Stdio::null()),
+    );
+    assert!(wait_until(LOG_TIMEOUT, || read_lossy(&out_path).contains("connected")));
+    server.result.recv_timeout(LOG_TIMEOUT).unwrap().unwrap();
+    proxy.wait_log("Proxy connection established", LOG_TIMEOUT);
+    // The relay forwards the server's FIN once the bytes are in the client's
+    // socket; nothing says when, so give it a moment.
+    thread::sleep(Duration::from_millis(300));
+
+    assert_eq!(proxy.stop_term().code(), Some(0));
+    let mut stdin = client.0.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    assert!(wait_child(&mut client.0, CLIENT_TIMEOUT).is_some());
+    let out = read_lossy(&out_path);
+    assert!(
+        out.contains(&format!("eof {LEN}")),
+        "a complete stream was cut at exit: {out}\n{}",
+        tail(&proxy.log(), 10)
+    );
+}
