@@ -13,6 +13,7 @@ mod cgroup;
 mod cli;
 mod command;
 mod conn;
+mod notify;
 mod pipes;
 mod preflight;
 mod relay;
@@ -103,11 +104,13 @@ fn run(cfg: Config) -> Result<i32> {
         server::start(l, Arc::clone(&shared))?;
     }
     log_ready(&cfg, &bound, &root, &intercepted, own.path(), capacity);
+    notify::ready();
 
     let code = match &command_cgroup {
         Some(cg) => run_command(&cfg.command, cg, user.as_ref(), &signals)?,
         None => wait_for_signal(&signals)?,
     };
+    notify::stopping();
     let counters = redirect.counters();
     drop(redirect);
     drop(command_cgroup);
