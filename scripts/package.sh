@@ -16,8 +16,8 @@
 #
 # Environment: KTPROXY_BIN packages that binary instead of building one
 # (the tests pass the one they built); DEBFULLNAME and DEBEMAIL name the
-# maintainer, as for dch. Runs as any user; as root it installs
-# what is missing (scripts/deps.sh).
+# maintainer, as for dch. Runs as any user; as root, when it builds, it
+# installs what is missing (scripts/deps.sh).
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
@@ -52,7 +52,9 @@ die() {
 	exit 1
 }
 
-if [[ $EUID -eq 0 ]]; then
+bin=${KTPROXY_BIN:-}
+# Building needs the toolchain too; as root, install what is missing.
+if [[ -z $bin && $EUID -eq 0 ]]; then
 	"$root/scripts/deps.sh"
 fi
 for tool in dpkg-deb dpkg-shlibdeps strip gzip; do
@@ -60,7 +62,6 @@ for tool in dpkg-deb dpkg-shlibdeps strip gzip; do
 		die "$tool is missing: run scripts/deps.sh as root (it installs dpkg-dev and binutils)"
 done
 
-bin=${KTPROXY_BIN:-}
 if [[ -z $bin ]]; then
 	command -v cargo >/dev/null || PATH="$PATH:$HOME/.cargo/bin"
 	say "building ktproxy (cargo build --release)"

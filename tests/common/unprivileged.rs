@@ -5,8 +5,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-use super::process::TempDir;
+use super::process::{describe, run_within, TempDir};
 use super::KTPROXY;
 
 /// uid and gid of `nobody` on Debian, Ubuntu and Fedora.
@@ -25,7 +26,15 @@ impl UnprivilegedKtproxy {
     pub fn new() -> UnprivilegedKtproxy {
         let dir = TempDir::new("unprivileged");
         let bin = dir.path().join("ktproxy");
-        fs::copy(KTPROXY, &bin).unwrap_or_else(|e| panic!("copying {KTPROXY}: {e}"));
+        // Copied by cp(1), a process of its own: a descriptor open for
+        // writing in this test process would also be in the children other
+        // tests fork meanwhile, and exec would fail with ETXTBSY until they
+        // exec in turn.
+        let cp = run_within(
+            Command::new("cp").arg(KTPROXY).arg(&bin),
+            Duration::from_secs(30),
+        );
+        assert!(cp.status.success(), "cp {KTPROXY}: {}", describe(&cp));
         let mode = |p: &Path, m: u32| {
             fs::set_permissions(p, fs::Permissions::from_mode(m))
                 .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()))
