@@ -390,6 +390,7 @@ fn ktproxy_works_with_only_the_capabilities_the_unit_leaves_it() {
     let bit = |name: &str| match name {
         "CAP_NET_ADMIN" => 12,
         "CAP_SYS_ADMIN" => 21,
+        "CAP_PERFMON" => 38,
         "CAP_BPF" => 39,
         other => panic!("add the number of {other} here"),
     };
