@@ -137,6 +137,47 @@ curl_check() {
 	fi
 }
 
+# The man page is clean roff: groff -ww prints every warning; man(1), where
+# installed, adds its own checks (preconv, tbl).
+man_page_check() {
+	local page=scripts/deb/ktproxy.8 out
+	out=$(groff -man -ww -z "$page" 2>&1) && [[ -z $out ]] || {
+		echo "groff -man -ww -z $page: ${out:-failed}"
+		return 1
+	}
+	command -v man >/dev/null || return 0
+	out=$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -l "$page" 2>&1 >/dev/null) && [[ -z $out ]] || {
+		echo "man --warnings -l $page: ${out:-failed}"
+		return 1
+	}
+}
+
+# The systemd units as the package installs them (the start helper from
+# scripts/deb/ in place of /usr/libexec/ktproxy/), where systemd is here.
+# systemd-analyze verify exits 0 on unknown keys and bad values: any output
+# is a failure.
+units_check() {
+	if ! command -v systemd-analyze >/dev/null; then
+		echo "SKIP: systemd-analyze verify: systemd is not installed"
+		return 0
+	fi
+	local dir out rc=0 man=yes
+	dir=$(mktemp -d) || return 1
+	mkdir -p "$dir/man/man8"
+	cp scripts/deb/ktproxy.8 "$dir/man/man8/"
+	cp scripts/deb/proxied.slice "$dir/"
+	sed "s|/usr/libexec/ktproxy/ktproxy-cgroup|$PWD/scripts/deb/ktproxy-cgroup|" \
+		scripts/deb/ktproxy.service >"$dir/ktproxy.service"
+	command -v man >/dev/null || man=no
+	out=$(MANPATH=$dir/man systemd-analyze verify --man=$man \
+		"$dir/ktproxy.service" "$dir/proxied.slice" 2>&1) && [[ -z $out ]] || {
+		echo "systemd-analyze verify: ${out:-failed}"
+		rc=1
+	}
+	rm -rf "$dir"
+	return $rc
+}
+
 step "cargo fmt --check" cargo fmt --check
 step "cargo clippy" cargo clippy --all-targets --quiet -- -D warnings
 if ! cargo build --release --quiet; then
@@ -147,6 +188,8 @@ fi
 pass "cargo build --release"
 step "cargo test --release" cargo test --release
 step "curl through ktproxy" curl_check
+step "man page (groff -ww)" man_page_check
+step "systemd units (systemd-analyze verify)" units_check
 cleanup
 if [[ -x scripts/bench.sh ]]; then
 	step "bench smoke" scripts/bench.sh --smoke

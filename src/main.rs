@@ -14,6 +14,7 @@ mod cli;
 mod command;
 mod conn;
 mod logging;
+mod notify;
 mod pipes;
 mod preflight;
 mod relay;
@@ -114,11 +115,13 @@ fn run(cfg: Config) -> Result<i32> {
         server::start(l, Arc::clone(&shared))?;
     }
     log_ready(&cfg, &bound, &root, &intercepted, own.path(), capacity);
+    notify::ready();
 
     let code = match &command_cgroup {
         Some(cg) => run_command(&cfg.command, cg, user.as_ref(), &signals)?,
         None => wait_for_signal(&signals)?,
     };
+    notify::stopping();
     let counters = redirect.counters();
     drop(redirect);
     drop(command_cgroup);

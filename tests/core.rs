@@ -511,7 +511,7 @@ fn refuses(cg: &TestCgroup, cmd: &mut Command) -> (i32, String) {
     let shown = format!("{cmd:?}");
     let (out, pid) = output_within_pid(cmd.stdin(Stdio::null()), Duration::from_secs(10));
     let out = out.unwrap_or_else(|o| panic!("{shown} kept running: {}", describe(&o)));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = stderr(&out);
     assert_eq!(
         stderr.lines().count(),
         1,
@@ -533,8 +533,8 @@ fn refuses(cg: &TestCgroup, cmd: &mut Command) -> (i32, String) {
 fn not_root_exits_1_naming_root_and_the_capabilities() {
     require_root();
     let cg = TestCgroup::new("not_root");
-    let mut cmd = ktproxy_command(&cg, &[]);
-    cmd.uid(65534).gid(65534);
+    let copy = UnprivilegedKtproxy::new();
+    let mut cmd = copy.command(&ktproxy_command(&cg, &[]));
     let (code, err) = refuses(&cg, &mut cmd);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("root"), "{err}");

@@ -304,7 +304,7 @@ fn default_listen_without_ipv6_falls_back_to_ipv4_only_with_a_warning() {
         Some(vec![addr("127.0.0.1:8999")]),
         "{ready}"
     );
-    let log = proxy.log();
+    let log = without_capacity_warning(&proxy.log());
     let warning = log
         .lines()
         .find(|l| l.contains("WARN"))
@@ -368,7 +368,7 @@ fn explicit_ipv6_listen_without_ipv6_exits_1_naming_the_address() {
     let shown = format!("{cmd:?}");
     let (out, pid) = output_within_pid(cmd.stdin(Stdio::null()), Duration::from_secs(10));
     let out = out.unwrap_or_else(|o| panic!("{shown} kept running: {}", describe(&o)));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{shown}: {}", describe(&out));
     assert_eq!(stderr.lines().count(), 1, "{shown}: {}", describe(&out));
     assert!(stderr.contains("[::1]:0"), "{stderr}");

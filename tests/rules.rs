@@ -15,7 +15,6 @@ mod common;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -272,7 +271,7 @@ fn refuses_with_usage_error_cmd(cg: &TestCgroup, cmd: &mut Command, named: &[&st
     let shown = format!("{cmd:?}");
     let (out, pid) = output_within_pid(cmd.stdin(Stdio::null()), Duration::from_secs(10));
     let out = out.unwrap_or_else(|o| panic!("{shown} kept running: {}", describe(&o)));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = stderr(&out);
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -322,6 +321,7 @@ fn malformed_rule_files_exit_2_with_one_line_naming_file_and_line() {
     fs::write(&locked, "10.0.0.0/8\n").unwrap();
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
     let locked = locked.to_str().unwrap().to_string();
+    let copy = UnprivilegedKtproxy::new();
 
     for opt in ["--dest-file", "--exclude-file"] {
         refuses_with_usage_error(
@@ -359,8 +359,7 @@ fn malformed_rule_files_exit_2_with_one_line_naming_file_and_line() {
         refuses_with_usage_error(&cg, &[opt, a_dir], &[opt, "cannot read", a_dir]);
         // ...and a mode 000 file is for anyone else (command-line errors come
         // before the privilege check).
-        let mut cmd = ktproxy_command(&cg, &[opt, &locked]);
-        cmd.uid(65534).gid(65534);
+        let mut cmd = copy.command(&ktproxy_command(&cg, &[opt, &locked]));
         refuses_with_usage_error_cmd(
             &cg,
             &mut cmd,

@@ -9,7 +9,8 @@
 //! - `route`: whether a connection went through ktproxy or direct;
 //! - `upstream`: SOCKS5 and HTTP proxies for `-u` (microsocks, tinyproxy);
 //! - `netns`: network namespaces;
-//! - `bpftool`: what the kernel has attached, as bpftool shows it.
+//! - `bpftool`: what the kernel has attached, as bpftool shows it;
+//! - `unprivileged`: ktproxy run as nobody, from a copy nobody can reach.
 //!
 //! ktproxy's log lines are parsed by `ktproxy::logline`, re-exported here.
 //!
@@ -33,13 +34,14 @@ mod process;
 mod proxy;
 mod route;
 mod servers;
+mod unprivileged;
 mod upstream;
 
 // Each test file uses a part: what one does not use is not an error.
 #[allow(unused_imports)]
 pub use self::{
     bpftool::*, cgroup::*, clients::*, command::*, netns::*, process::*, proxy::*, route::*,
-    servers::*, upstream::*,
+    servers::*, unprivileged::*, upstream::*,
 };
 #[allow(unused_imports)]
 pub use ktproxy::logline::{

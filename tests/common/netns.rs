@@ -33,16 +33,22 @@ impl NetNs {
     /// A namespace with `lo` up and IPv6 disabled (no ::1 at all).
     pub fn without_ipv6() -> NetNs {
         let ns = NetNs::new();
-        let sysctl = run_within(
-            ns.command("sysctl").args([
-                "-w",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-                "net.ipv6.conf.lo.disable_ipv6=1",
+        // Written under /proc/sys rather than with sysctl(8), which is in
+        // procps and missing from minimal images. /proc/sys/net shows the
+        // namespace of the process that opens it: sh's, inside `ns`.
+        let disable = run_within(
+            ns.command("sh").args([
+                "-c",
+                "for c in all default lo; do \
+                 echo 1 >/proc/sys/net/ipv6/conf/$c/disable_ipv6 || exit 1; done",
             ]),
             Duration::from_secs(10),
         );
-        assert!(sysctl.status.success(), "sysctl: {}", describe(&sysctl));
+        assert!(
+            disable.status.success(),
+            "disabling IPv6: {}",
+            describe(&disable)
+        );
         let v6 = run_within(
             Command::new("ip").args(["-n", ns.name(), "-6", "addr", "show", "dev", "lo"]),
             Duration::from_secs(10),
