@@ -15,8 +15,10 @@ mod command;
 mod conn;
 mod pipes;
 mod preflight;
+mod pty;
 mod relay;
 mod rules;
+mod secret;
 mod server;
 mod sys;
 mod upstream;
@@ -47,13 +49,17 @@ fn main() {
             println!("ktproxy {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Ok(Action::Run(cfg)) => match run(*cfg) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("ktproxy: error: {e}");
-                e.exit_code()
+        Ok(Action::Run(mut cfg)) => {
+            // First, while no other thread exists (see the function).
+            secret::hide_argv_credentials(&mut cfg);
+            match run(*cfg) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("ktproxy: error: {e}");
+                    e.exit_code()
+                }
             }
-        },
+        }
         Err(e) => {
             eprintln!("ktproxy: {e}");
             e.exit_code()
@@ -66,11 +72,15 @@ fn main() {
 /// Returns the exit status: 0, or COMMAND's.
 fn run(cfg: Config) -> Result<i32> {
     init_logging(cfg.log_level);
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
     preflight::check_privileges()?;
     warn_if_kernel_too_old();
     let root = cgroup::root()?;
     let given = cfg.cgroup.as_deref().map(cgroup::check_dir).transpose()?;
     let user = cfg.user.as_deref().map(command::resolve_user).transpose()?;
+    let caller_limits = command::CallerLimits::capture();
     let capacity = raise_limits();
     let signals = block_signals(!cfg.command.is_empty())?;
 
@@ -98,6 +108,7 @@ fn run(cfg: Config) -> Result<i32> {
         bound.clone(),
         cfg.connect_timeout,
         cfg.upstream.clone(),
+        cfg.mark,
     ));
     for l in listeners {
         server::start(l, Arc::clone(&shared))?;
@@ -105,7 +116,15 @@ fn run(cfg: Config) -> Result<i32> {
     log_ready(&cfg, &bound, &root, &intercepted, own.path(), capacity);
 
     let code = match &command_cgroup {
-        Some(cg) => run_command(&cfg.command, cg, user.as_ref(), &signals)?,
+        Some(cg) => {
+            let launch = command::Launch {
+                user: user.as_ref(),
+                limits: &caller_limits,
+                preserve_env: &cfg.preserve_env,
+                set_env: &cfg.set_env,
+            };
+            run_command(&cfg.command, cg, &launch, &signals)?
+        }
         None => wait_for_signal(&signals)?,
     };
     let counters = redirect.counters();
@@ -140,7 +159,8 @@ fn raise_limits() -> (u64, &'static str) {
 /// Blocked before any thread starts, so that every thread inherits the
 /// mask and only the main thread's sigwait() sees these signals. SIGQUIT
 /// (Ctrl-\) is only taken over when COMMAND is there to receive it, and
-/// SIGCHLD only matters then.
+/// SIGCHLD and SIGWINCH (passed on to COMMAND's own terminal) only matter
+/// then.
 fn block_signals(with_command: bool) -> Result<SigSet> {
     let mut signals = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -149,6 +169,7 @@ fn block_signals(with_command: bool) -> Result<SigSet> {
     if with_command {
         signals.add(Signal::SIGQUIT);
         signals.add(Signal::SIGCHLD);
+        signals.add(Signal::SIGWINCH);
     }
     signals.thread_block().context("blocking signals")?;
     Ok(signals)
@@ -219,10 +240,10 @@ fn log_ready(
 fn run_command(
     argv: &[String],
     cgroup: &cgroup::CommandCgroup,
-    user: Option<&command::Identity>,
+    launch: &command::Launch,
     signals: &SigSet,
 ) -> Result<i32> {
-    let child = command::spawn(argv, cgroup, user)?;
+    let child = command::spawn(argv, cgroup, launch)?;
     let code = command::supervise(child, cgroup, signals)?;
     info!("COMMAND exited with status {code}: shutting down");
     Ok(code)
