@@ -9,7 +9,8 @@
 //! - `route`: whether a connection went through ktproxy or direct;
 //! - `upstream`: SOCKS5 and HTTP proxies for `-u` (microsocks, tinyproxy);
 //! - `netns`: network namespaces;
-//! - `bpftool`: what the kernel has attached, as bpftool shows it.
+//! - `bpftool`: what the kernel has attached, as bpftool shows it;
+//! - `security`: nftables tables, clients as nobody, a terminal (script).
 //!
 //! ktproxy's log lines are parsed by `ktproxy::logline`, re-exported here.
 //!
@@ -32,6 +33,7 @@ mod netns;
 mod process;
 mod proxy;
 mod route;
+mod security;
 mod servers;
 mod upstream;
 
@@ -39,7 +41,7 @@ mod upstream;
 #[allow(unused_imports)]
 pub use self::{
     bpftool::*, cgroup::*, clients::*, command::*, netns::*, process::*, proxy::*, route::*,
-    servers::*, upstream::*,
+    security::*, servers::*, upstream::*,
 };
 #[allow(unused_imports)]
 pub use ktproxy::logline::{
