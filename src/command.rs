@@ -408,3 +408,20 @@ fn wait_signal(set: &SigSet, timeout: Duration) -> Result<Option<(Signal, bool)>
     // SI_USER (kill), SI_QUEUE (sigqueue), SI_TKILL (tgkill) are <= 0.
     Ok(Some((sig, info.si_code <= 0)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_path_comes_from_login_defs_as_su_reads_it() {
+        let defs = "# comment\nENV_SUPATH\tPATH=/sbin:/bin\nENV_PATH   /usr/bin:/bin\n";
+        assert_eq!(login_path(defs, true), "/sbin:/bin");
+        assert_eq!(login_path(defs, false), "/usr/bin:/bin");
+        assert_eq!(login_path("", false), "/usr/local/bin:/usr/bin:/bin");
+        assert_eq!(
+            login_path("ENV_PATH\n", true),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        );
+    }
+}

@@ -107,7 +107,7 @@ impl Pty {
         thread::Builder::new()
             .name("ktproxy-pty".into())
             .spawn(move || {
-                relay(&relayed, input.then_some(0), outer);
+                relay(&relayed, input, outer);
                 let _ = done_tx.send(());
             })
             .context("starting the pty relay")?;
@@ -223,26 +223,27 @@ fn window_size(fd: RawFd) -> Option<libc::winsize> {
     (r == 0).then_some(ws)
 }
 
-/// Copies the caller's keystrokes (`input`) to the master and the master's
-/// output to the caller's terminal until the master reports that every
-/// slave descriptor is closed. The master is non-blocking, so a COMMAND
-/// that stops reading its input cannot stop its output from being relayed.
-fn relay(master: &OwnedFd, input: Option<RawFd>, output: RawFd) {
+/// Copies the caller's keystrokes (stdin, if `input`) to the master and the
+/// master's output to the caller's terminal (`output`) until the master
+/// reports that every slave descriptor is closed. The master is
+/// non-blocking, so a COMMAND that stops reading its input cannot stop its
+/// output from being relayed.
+fn relay(master: &OwnedFd, mut input: bool, output: RawFd) {
     let mut typed = [0u8; 4096];
     let (mut pending, mut sent) = (0usize, 0usize);
     let mut shown = [0u8; 16384];
-    let mut input = input;
     loop {
         let mut master_events = PollFlags::POLLIN;
         if sent < pending {
             master_events |= PollFlags::POLLOUT;
         }
-        let reading = input.filter(|_| sent == pending);
+        // Read more keystrokes only once the last ones are in the master.
+        let reading = input && sent == pending;
         let mut fds = [
             PollFd::new(master.as_fd(), master_events),
-            PollFd::new(borrow(reading.unwrap_or(0)), PollFlags::POLLIN),
+            PollFd::new(borrow(0), PollFlags::POLLIN),
         ];
-        let n = if reading.is_some() { 2 } else { 1 };
+        let n = if reading { 2 } else { 1 };
         if crate::sys::poll(&mut fds[..n], PollTimeout::NONE).is_err() {
             return;
         }
@@ -253,9 +254,9 @@ fn relay(master: &OwnedFd, input: Option<RawFd>, output: RawFd) {
         if from_master.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
             match nix::unistd::read(master.as_fd(), &mut shown) {
                 Ok(0) | Err(Errno::EIO) => return,
-                // The caller's terminal went away: keep draining, so that
-                // COMMAND is not blocked writing.
                 Ok(k) => {
+                    // If the caller's terminal went away, keep draining, so
+                    // that COMMAND is not blocked writing.
                     let _ = write_all(output, &shown[..k]);
                 }
                 Err(Errno::EAGAIN | Errno::EINTR) => {}
@@ -266,7 +267,7 @@ fn relay(master: &OwnedFd, input: Option<RawFd>, output: RawFd) {
             match nix::unistd::write(master, &typed[sent..pending]) {
                 Ok(k) => sent += k,
                 Err(Errno::EAGAIN | Errno::EINTR) => {}
-                Err(_) => input = None,
+                Err(_) => (input, sent) = (false, pending),
             }
         }
         if !from_input.is_empty() {
@@ -275,7 +276,7 @@ fn relay(master: &OwnedFd, input: Option<RawFd>, output: RawFd) {
                 Err(Errno::EAGAIN | Errno::EINTR) => {}
                 // End of input or a hung-up terminal: COMMAND keeps running
                 // (a SIGHUP, if one comes, is passed on to it).
-                _ => input = None,
+                _ => input = false,
             }
         }
     }
