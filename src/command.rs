@@ -185,8 +185,8 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, launch: &Launch) -> Result
                 return Err(io::Error::last_os_error());
             }
             if let Some((slave, on_tty)) = tty {
-                // The pty becomes the new session's controlling terminal
-                // (while still root: the slave is the user's already).
+                // The pty becomes the new session's controlling terminal:
+                // its Ctrl-C signals COMMAND's foreground process group.
                 if libc::ioctl(slave, libc::TIOCSCTTY, 0) != 0 {
                     return Err(io::Error::last_os_error());
                 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use log::debug;
+use log::{debug, warn};
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, OFlag};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -95,11 +95,16 @@ impl Pty {
     pub fn start(self) -> Result<Relay> {
         drop(self.slave);
         let input = self.on_tty[0];
-        let raw = if input {
-            Some(RawMode::enter(0).context("switching the terminal to raw mode")?)
-        } else {
-            None
-        };
+        // Without raw mode (a terminal that refuses it), keystrokes are
+        // still relayed, line by line, and Ctrl-C still reaches COMMAND
+        // through ktproxy.
+        let raw = input
+            .then(|| RawMode::enter(0))
+            .transpose()
+            .unwrap_or_else(|e| {
+                warn!("cannot switch the terminal to raw mode: {e}");
+                None
+            });
         let master = Arc::new(self.master);
         let (done_tx, done) = mpsc::channel();
         let relayed = Arc::clone(&master);
