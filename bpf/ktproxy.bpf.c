@@ -5,15 +5,16 @@
  * Life of one intercepted connection (client C dials D, ktproxy listens on P):
  *
  *   1. connect4/connect6 (cgroup of C): decide whether to intercept; if so
- *      remember D in C's socket storage (client_dst) and rewrite the
- *      destination to P.
+ *      remember D, and the uid and gid of the process calling connect(), in
+ *      C's socket storage (client_dst) and rewrite the destination to P.
  *   2. sockops_client, ACTIVE_ESTABLISHED (cgroup of C): C got the SYN-ACK.
  *      Publish D in `flows` under the exact 4-tuple C<->P. This runs before C
  *      sends the final ACK, so before ktproxy can accept the connection.
- *   3. getsockopt (ktproxy's own cgroup): SO_ORIGINAL_DST on the accepted
- *      socket A. The first call claims D from `flows` by A's 4-tuple into A's
- *      socket storage (accepted_dst) and deletes the `flows` entry; every call
- *      answers from that storage.
+ *   3. getsockopt (ktproxy's own cgroup): KTPROXY_ORIGIN (or SO_ORIGINAL_DST,
+ *      answered as netfilter would) on the accepted socket A. The first call
+ *      claims D from `flows` by A's 4-tuple into A's socket storage
+ *      (accepted_dst) and deletes the `flows` entry; every call answers from
+ *      that storage.
  *   4. getpeername4/6 (cgroup of C): C asks who its peer is; answer D, not P.
  *
  * Socket storage is freed by the kernel with its socket, so nothing can leak
@@ -39,6 +40,11 @@
 #define SOL_IPV6 41
 #define SO_ORIGINAL_DST 80      /* <linux/netfilter_ipv4.h> */
 #define IP6T_SO_ORIGINAL_DST 80 /* <linux/netfilter_ipv6/ip6_tables.h> */
+/* ktproxy's own getsockopt: a level no protocol handles (the kernel answers
+ * ENOPROTOOPT and the program below overrides it), so it cannot collide with
+ * a real option. Mirrored in src/sys.rs. */
+#define SOL_KTPROXY 0x6b74 /* "kt" */
+#define KTPROXY_ORIGIN 1   /* struct ktproxy_origin */
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -80,6 +86,20 @@ struct orig_dst {
 	__u32 ip[4]; /* network order; IPv4 in ip[0] */
 	__u16 port;  /* network order */
 	__u16 family;
+	/* Who called connect(), so that ktproxy's outgoing socket can carry the
+	 * same owner (firewall rules on skuid, per-uid routing). */
+	__u32 uid;
+	__u32 gid;
+};
+
+/* The answer to getsockopt(SOL_KTPROXY, KTPROXY_ORIGIN): the destination and
+ * the client's identity in one call. Layout mirrored by src/sys.rs. */
+struct ktproxy_origin {
+	__u16 family;
+	__u16 port;  /* network order */
+	__u32 ip[4]; /* network order; IPv4 in ip[0] */
+	__u32 uid;
+	__u32 gid;
 };
 
 /* One redirected connection C<->P as the kernel sees it. */
@@ -254,6 +274,8 @@ static __always_inline int socket_wanted(struct bpf_sock_addr *ctx)
  * case the connect goes direct rather than to a proxy that cannot serve it. */
 static __always_inline int remember(struct bpf_sock_addr *ctx, const struct orig_dst *dst)
 {
+	/* The caller's real uid and gid: connect() runs in its process context. */
+	__u64 ugid = bpf_get_current_uid_gid();
 	struct orig_dst *st;
 
 	st = bpf_sk_storage_get(&client_dst, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -262,6 +284,8 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, const struct orig
 		return 0;
 	}
 	*st = *dst;
+	st->uid = (__u32)ugid;
+	st->gid = ugid >> 32;
 	count(STAT_REDIRECTED);
 	return 1;
 }
@@ -482,7 +506,8 @@ static __always_inline struct orig_dst *accepted_orig_dst(struct bpf_sock *sk)
 /* Attached to ktproxy's own cgroup. Every other getsockopt passes through
  * untouched: return 1 without writing optlen (a write would turn an
  * optlen > PAGE_SIZE call into EFAULT). Return values other than 0/1 are
- * rejected by the verifier. */
+ * rejected by the verifier. SO_ORIGINAL_DST answers as netfilter would;
+ * KTPROXY_ORIGIN (family 0 here: either) adds who dialed. */
 SEC("cgroup/getsockopt")
 int ktproxy_getsockopt(struct bpf_sockopt *ctx)
 {
@@ -495,18 +520,34 @@ int ktproxy_getsockopt(struct bpf_sockopt *ctx)
 		family = AF_INET;
 	else if (ctx->level == SOL_IPV6 && ctx->optname == IP6T_SO_ORIGINAL_DST)
 		family = AF_INET6;
+	else if (ctx->level == SOL_KTPROXY && ctx->optname == KTPROXY_ORIGIN)
+		family = 0;
 	else
 		return 1;
 	sk = ctx->sk;
 	if (!sk)
 		return 1;
 	dst = accepted_orig_dst(sk);
-	if (!dst || dst->family != family)
+	if (!dst || (family && dst->family != family))
 		return 1;
 
 	optval = ctx->optval;
 	optval_end = ctx->optval_end;
-	if (family == AF_INET) {
+	if (!family) {
+		struct ktproxy_origin *o = optval;
+
+		if ((void *)(o + 1) > optval_end)
+			return 1;
+		o->family = dst->family;
+		o->port = dst->port;
+		o->ip[0] = dst->ip[0];
+		o->ip[1] = dst->ip[1];
+		o->ip[2] = dst->ip[2];
+		o->ip[3] = dst->ip[3];
+		o->uid = dst->uid;
+		o->gid = dst->gid;
+		ctx->optlen = sizeof(*o);
+	} else if (family == AF_INET) {
 		struct {
 			__u16 family;
 			__u16 port;

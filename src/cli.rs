@@ -9,6 +9,7 @@ use log::LevelFilter;
 
 use crate::error::{Error, Result};
 use crate::rules::{PortSet, Rules};
+use crate::secret::{self, UPSTREAM_ENV};
 use crate::upstream::Upstream;
 
 /// IPv4 and IPv6 loopback; without IPv6 on the host the second is dropped
@@ -38,6 +39,18 @@ pub struct Config {
     /// --drain: on SIGTERM/SIGINT/SIGHUP, how long open connections may take
     /// to finish (after the redirect is detached) before they are reset.
     pub drain: Option<Duration>,
+    /// The -u value as given on the command line, whose credentials are
+    /// hidden in argv at start-up; None when the URL came from
+    /// --upstream-file or the environment.
+    pub upstream_arg: Option<String>,
+    /// --mark: SO_MARK on every outgoing socket.
+    pub mark: Option<u32>,
+    /// --preserve-env: what COMMAND run with --user keeps of the environment.
+    pub preserve_env: Vec<String>,
+    /// --env NAME=VALUE: set in COMMAND's environment.
+    pub set_env: Vec<(String, String)>,
+    /// Found while parsing; logged once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 impl Config {
@@ -132,9 +145,11 @@ fn options() -> Options {
     o.optopt(
         "",
         "user",
-        "with COMMAND: run it as this user (ktproxy itself needs root)",
+        "with COMMAND: run it as this user, in a session and on a terminal of its own, with a \
+         fresh environment (ktproxy itself needs root)",
         "NAME",
     );
+    options_security(&mut o);
     o.optflagmulti(
         "v",
         "verbose",
@@ -185,12 +200,32 @@ pub fn help() -> String {
          \x20 sudo ktproxy -u socks5://127.0.0.1:1080 -- go run .   one command through a SOCKS5 proxy\n\
          \n\
          Debugging: `bpftool cgroup tree` shows what ktproxy attached, `bpftool map dump name stats`\n\
-         its counters, `ss -tnp` the proxied connections.\n",
+         its counters, `ss -tnp` the proxied connections.\n\
+         \n\
+         Security: the upstream URL may come from --upstream-file or $KTPROXY_UPSTREAM instead of\n\
+         -u (whose credentials ktproxy hides in its command line at start-up). Each outgoing\n\
+         connection is created as the uid and gid of the client that dialed (firewall rules on\n\
+         `meta skuid` or `-m owner` keep applying). With --user, COMMAND runs in a new session on\n\
+         a terminal of its own, with the caller's resource limits and a reset environment.\n",
     );
     text
 }
 
+/// Parses `args`, the command line after the program name; the upstream URL
+/// may also come from $KTPROXY_UPSTREAM.
 pub fn parse(args: &[String]) -> Result<Action> {
+    let from_env = match std::env::var(UPSTREAM_ENV) {
+        Ok(v) => Some(v),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(Error::usage(format!("{UPSTREAM_ENV}: not valid UTF-8")))
+        }
+    };
+    parse_with(args, from_env)
+}
+
+/// `parse`, with the value of $KTPROXY_UPSTREAM given.
+fn parse_with(args: &[String], upstream_env: Option<String>) -> Result<Action> {
     let m = options()
         .parse(args)
         .map_err(|e| Error::usage(format!("{e} (see ktproxy --help)")))?;
@@ -251,8 +286,10 @@ pub fn parse(args: &[String]) -> Result<Action> {
         },
     };
 
-    let upstream = m.opt_str("u").map(|u| Upstream::parse(&u)).transpose()?;
     let drain = m.opt_str("drain").map(|s| parse_drain(&s)).transpose()?;
+    let mut warnings = Vec::new();
+    let (upstream, upstream_arg) = parse_upstream(&m, upstream_env, &mut warnings)?;
+    let (mark, preserve_env, set_env) = parse_security(&m, user.is_some(), !command.is_empty())?;
 
     let verbose = m.opt_count("v");
     if verbose > 0 && m.opt_present("q") {
@@ -282,7 +319,132 @@ pub fn parse(args: &[String]) -> Result<Action> {
         user,
         upstream,
         drain,
+        upstream_arg,
+        mark,
+        preserve_env,
+        set_env,
+        warnings,
     })))
+}
+
+/// Issue 11's options: where the upstream URL comes from, --mark, and
+/// COMMAND's environment.
+fn options_security(o: &mut Options) {
+    o.optopt(
+        "",
+        "upstream-file",
+        "like -u, with the URL read from this file (one line, # comments): its credentials stay \
+         out of the command line, which every local user can read (ps); ktproxy warns if the \
+         file's group or others may read it. Without -u and --upstream-file, the URL comes from \
+         $KTPROXY_UPSTREAM if that is set",
+        "PATH",
+    );
+    o.optopt(
+        "",
+        "mark",
+        "set this firewall mark (SO_MARK) on every outgoing connection, to the destination or \
+         to the upstream proxy, e.g. for rules that must recognise ktproxy's traffic \
+         (decimal or 0x hex)",
+        "N",
+    );
+    o.optmulti(
+        "",
+        "preserve-env",
+        "with --user: also pass these variables of ktproxy's environment to COMMAND \
+         (comma-separated, repeatable). Otherwise COMMAND gets only HOME, USER, LOGNAME, SHELL, \
+         PATH and TERM",
+        "NAMES",
+    );
+    o.optmulti(
+        "",
+        "env",
+        "with COMMAND: set this variable in its environment (repeatable)",
+        "NAME=VALUE",
+    );
+}
+
+/// -u, --upstream-file or $KTPROXY_UPSTREAM, in that order: the upstream,
+/// and the -u text when that is where it came from.
+fn parse_upstream(
+    m: &getopts::Matches,
+    from_env: Option<String>,
+    warnings: &mut Vec<String>,
+) -> Result<(Option<Upstream>, Option<String>)> {
+    match (m.opt_str("u"), m.opt_str("upstream-file")) {
+        (Some(_), Some(_)) => Err(Error::usage(
+            "-u/--upstream and --upstream-file exclude each other",
+        )),
+        (Some(url), None) => Ok((Some(Upstream::parse(&url)?), Some(url))),
+        (None, Some(path)) => {
+            let (url, warning) = secret::read_upstream_file(path.as_ref())?;
+            warnings.extend(warning);
+            let up = Upstream::parse_from(&url, &format!("--upstream-file {path}"))?;
+            Ok((Some(up), None))
+        }
+        (None, None) => match from_env.filter(|v| !v.trim().is_empty()) {
+            Some(url) => Ok((Some(Upstream::parse_from(url.trim(), UPSTREAM_ENV)?), None)),
+            None => Ok((None, None)),
+        },
+    }
+}
+
+type SecurityOptions = (Option<u32>, Vec<String>, Vec<(String, String)>);
+
+/// --mark, --preserve-env and --env.
+fn parse_security(m: &getopts::Matches, user: bool, command: bool) -> Result<SecurityOptions> {
+    let mark = m.opt_str("mark").map(|s| parse_mark(&s)).transpose()?;
+    let mut preserve = Vec::new();
+    for list in m.opt_strs("preserve-env") {
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            check_env_name("--preserve-env", name)?;
+            preserve.push(name.to_string());
+        }
+    }
+    if !preserve.is_empty() && !user {
+        return Err(Error::usage(
+            "--preserve-env goes with --user (without it, COMMAND keeps the whole environment)",
+        ));
+    }
+    let mut set = Vec::new();
+    for pair in m.opt_strs("env") {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| Error::usage(format!("--env: '{pair}': expected NAME=VALUE")))?;
+        check_env_name("--env", name)?;
+        if value.contains('\0') {
+            return Err(Error::usage(format!(
+                "--env {name}: value contains a NUL byte"
+            )));
+        }
+        set.push((name.to_string(), value.to_string()));
+    }
+    if !set.is_empty() && !command {
+        return Err(Error::usage("--env goes with -- COMMAND"));
+    }
+    Ok((mark, preserve, set))
+}
+
+fn parse_mark(s: &str) -> Result<u32> {
+    let n = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse::<u32>(),
+    };
+    match n {
+        Ok(n) if n != 0 && !s.starts_with('+') => Ok(n),
+        _ => Err(Error::usage(format!(
+            "--mark: invalid value '{s}': expected a number from 1 to 4294967295 (or 0x1 to \
+             0xffffffff)"
+        ))),
+    }
+}
+
+fn check_env_name(option: &str, name: &str) -> Result<()> {
+    if name.is_empty() || name.contains(['=', '\0']) {
+        return Err(Error::usage(format!(
+            "{option}: invalid variable name '{name}'"
+        )));
+    }
+    Ok(())
 }
 
 fn parse_drain(s: &str) -> Result<Duration> {
@@ -335,14 +497,14 @@ mod tests {
     }
 
     fn run(a: &[&str]) -> Config {
-        match parse(&args(a)).expect("parses") {
+        match parse_with(&args(a), None).expect("parses") {
             Action::Run(c) => *c,
             other => panic!("expected Run, got {other:?}"),
         }
     }
 
     fn usage_error(a: &[&str]) -> String {
-        let e = parse(&args(a)).expect_err("must be rejected");
+        let e = parse_with(&args(a), None).expect_err("must be rejected");
         assert_eq!(e.exit_code(), 2, "{e}");
         e.to_string()
     }
@@ -506,5 +668,90 @@ mod tests {
             parse(&args(&["--version"])).unwrap(),
             Action::Version
         ));
+    }
+
+    fn run_env(a: &[&str], env: &str) -> Config {
+        match parse_with(&args(a), Some(env.to_string())).expect("parses") {
+            Action::Run(c) => *c,
+            other => panic!("expected Run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn upstream_comes_from_u_then_upstream_file_then_the_environment() {
+        let c = run_env(&[], "socks5://t0ken@127.0.0.1:1080");
+        assert_eq!(
+            c.upstream.as_ref().unwrap().display(),
+            "socks5://***@127.0.0.1:1080"
+        );
+        assert_eq!(c.upstream_arg, None, "nothing to hide in argv");
+        let c = run_env(
+            &["-u", "http://a:b@127.0.0.1:3128"],
+            "socks5://127.0.0.1:1080",
+        );
+        assert_eq!(
+            c.upstream.as_ref().unwrap().display(),
+            "http://***@127.0.0.1:3128"
+        );
+        assert_eq!(c.upstream_arg.as_deref(), Some("http://a:b@127.0.0.1:3128"));
+        assert!(run_env(&[], "  ").upstream.is_none(), "empty means unset");
+
+        let e = parse_with(&args(&[]), Some("socks9://t0ken@h:1".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("KTPROXY_UPSTREAM: invalid URL 'socks9://***@h:1'"),
+            "{e}"
+        );
+        assert!(
+            usage_error(&["-u", "socks5://h:1", "--upstream-file", "/x"])
+                .contains("exclude each other")
+        );
+
+        let path = std::env::temp_dir().join(format!("ktproxy-cli-{}", std::process::id()));
+        std::fs::write(&path, "socks5://t0ken@h:0\n").unwrap();
+        let file = path.to_str().unwrap();
+        let e = usage_error(&["--upstream-file", file]);
+        assert_eq!(
+            e,
+            format!("--upstream-file {file}: invalid URL 'socks5://***@h:0': invalid port '0'")
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn mark_is_decimal_or_hex_and_not_zero() {
+        assert_eq!(run(&[]).mark, None);
+        assert_eq!(run(&["--mark", "42"]).mark, Some(42));
+        assert_eq!(run(&["--mark", "0x4b50"]).mark, Some(0x4b50));
+        assert_eq!(run(&["--mark", "4294967295"]).mark, Some(u32::MAX));
+        for bad in ["0", "-1", "+5", "0x", "4294967296", "ten"] {
+            assert!(
+                usage_error(&["--mark", bad])
+                    .starts_with(&format!("--mark: invalid value '{bad}'")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn environment_options_go_with_user_and_command() {
+        let c = run(&[
+            "--user",
+            "nobody",
+            "--preserve-env",
+            "LANG, LC_ALL",
+            "--preserve-env=TZ",
+            "--env",
+            "A=1=2",
+            "--",
+            "env",
+        ]);
+        assert_eq!(c.preserve_env, ["LANG", "LC_ALL", "TZ"]);
+        assert_eq!(c.set_env, [("A".to_string(), "1=2".to_string())]);
+        assert!(usage_error(&["--preserve-env", "LANG", "--", "env"]).contains("goes with --user"));
+        assert!(usage_error(&["--env", "A=1"]).contains("goes with -- COMMAND"));
+        assert!(usage_error(&["--env", "A", "--", "env"]).contains("expected NAME=VALUE"));
+        assert!(usage_error(&["--env", "=1", "--", "env"]).contains("invalid variable name"));
     }
 }

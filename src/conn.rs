@@ -6,12 +6,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{debug, info, warn};
 
 use crate::error::io_text;
 use crate::pipes::{PipePool, COPY_ONLY_ENV};
 use crate::relay::relay;
-use crate::sys;
+use crate::sys::{self, Egress, Origin};
 use crate::upstream::Upstream;
 
 /// What every connection thread shares.
@@ -22,6 +22,12 @@ pub struct Shared {
     /// make ktproxy dial itself.
     pub listen: Vec<SocketAddr>,
     pub upstream: Option<Upstream>,
+    /// --mark for every outgoing socket.
+    mark: Option<u32>,
+    /// Outgoing sockets are created as the client's uid and gid (needs
+    /// CAP_SETUID and CAP_SETGID); ktproxy's own (uid, gid) need no switch.
+    as_client: bool,
+    own_ids: (libc::uid_t, libc::gid_t),
     next_id: AtomicU64,
 }
 
@@ -30,10 +36,19 @@ impl Shared {
         listen: Vec<SocketAddr>,
         connect_timeout: Duration,
         upstream: Option<Upstream>,
+        mark: Option<u32>,
     ) -> Shared {
         let copy_only = std::env::var_os(COPY_ONLY_ENV).is_some_and(|v| v == "1");
         if copy_only {
             warn!("{COPY_ONLY_ENV}=1: relaying through user-space buffers, not splice");
+        }
+        let as_client = sys::can_create_as_others();
+        if !as_client {
+            warn!(
+                "ktproxy cannot create sockets as another user (setfsuid needs CAP_SETUID and \
+                 CAP_SETGID): outgoing connections carry ktproxy's own uid, so firewall rules on \
+                 the client's uid do not apply to them"
+            );
         }
         Shared {
             // Enough for every connection with bytes in flight at once on
@@ -42,7 +57,24 @@ impl Shared {
             connect_timeout,
             listen,
             upstream,
+            mark,
+            as_client,
+            own_ids: (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
             next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The connection to the destination, or to the upstream proxy, is the
+    /// client's: rules on its uid (nft `meta skuid`, `-m owner`, `ip rule
+    /// uidrange`) apply as if it had dialed itself.
+    fn egress(&self, origin: &Origin) -> Egress {
+        let ids = (origin.uid, origin.gid);
+        Egress {
+            owner: (self.as_client && ids != self.own_ids).then_some(ids),
+            mark: self.mark,
         }
     }
 
@@ -90,8 +122,8 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
     info!("#{id} Proxy Server: {local}");
     info!("#{id} Client: {peer}");
 
-    let dst = match sys::original_dst(&client, local.is_ipv6()) {
-        Ok(d) => d,
+    let origin = match sys::origin(&client) {
+        Ok(o) => o,
         Err(e) => {
             warn!(
                 "#{id} {peer} has no original destination ({}): it dialed the proxy port \
@@ -101,6 +133,18 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
             return;
         }
     };
+    let dst = origin.dst;
+    let egress = shared.egress(&origin);
+    debug!(
+        "#{id} client uid {}, gid {}{}",
+        origin.uid,
+        origin.gid,
+        if egress.owner.is_some() {
+            ": dialing as that user"
+        } else {
+            ""
+        }
+    );
     if shared.is_proxy(&dst) {
         warn!("#{id} original destination {dst} of {peer} is the proxy itself; closing to avoid a loop");
         return;
@@ -109,7 +153,7 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
     let target = match &shared.upstream {
         None => {
             info!("#{id} Connecting to target {dst}");
-            sys::dial(&dst, shared.connect_timeout).map_err(|e| {
+            sys::dial_as(&dst, shared.connect_timeout, egress).map_err(|e| {
                 if sys::out_of_descriptors(&e) {
                     shared.pipes.release_all();
                 }
@@ -118,13 +162,16 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
         }
         Some(up) => {
             info!("#{id} Connecting to target {dst} via {}", up.display());
-            through_upstream(up, dst, shared.connect_timeout)
+            through_upstream(up, dst, shared.connect_timeout, egress)
         }
     };
     let target = match target {
         Ok(t) => t,
         Err(why) => {
-            warn!("#{id} connecting to {dst} for {peer} failed: {why}; resetting the client");
+            warn!(
+                "#{id} connecting to {dst} for {peer} (uid {}) failed: {why}; resetting the client",
+                origin.uid
+            );
             reset(&client);
             return;
         }
@@ -160,8 +207,9 @@ fn through_upstream(
     up: &Upstream,
     dst: SocketAddr,
     timeout: Duration,
+    egress: Egress,
 ) -> Result<TcpStream, String> {
-    let mut s = sys::dial(&up.addr(), timeout)
+    let mut s = sys::dial_as(&up.addr(), timeout, egress)
         .map_err(|e| format!("upstream {} unreachable: {}", up.display(), io_text(&e)))?;
     s.set_nonblocking(false)
         .and_then(|_| s.set_read_timeout(Some(timeout)))

@@ -17,8 +17,10 @@ mod logging;
 mod notify;
 mod pipes;
 mod preflight;
+mod pty;
 mod relay;
 mod rules;
+mod secret;
 mod server;
 mod stop;
 mod sys;
@@ -51,7 +53,9 @@ fn main() {
             println!("ktproxy {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Ok(Action::Run(cfg)) => {
+        Ok(Action::Run(mut cfg)) => {
+            // First, while no other thread exists (see the function).
+            secret::hide_argv_credentials(&mut cfg);
             let code = match run(*cfg) {
                 Ok(code) => code,
                 Err(e) => {
@@ -78,11 +82,15 @@ fn main() {
 /// Returns the exit status: 0, or COMMAND's.
 fn run(cfg: Config) -> Result<i32> {
     logging::init(cfg.log_level).context("starting the logging thread")?;
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
     preflight::check_privileges()?;
     warn_if_kernel_too_old();
     let root = cgroup::root()?;
     let given = cfg.cgroup.as_deref().map(cgroup::check_dir).transpose()?;
     let user = cfg.user.as_deref().map(command::resolve_user).transpose()?;
+    let caller_limits = command::CallerLimits::capture();
     let capacity = raise_limits();
     let signals = block_signals(!cfg.command.is_empty())?;
 
@@ -110,6 +118,7 @@ fn run(cfg: Config) -> Result<i32> {
         bound.clone(),
         cfg.connect_timeout,
         cfg.upstream.clone(),
+        cfg.mark,
     ));
     for l in listeners {
         server::start(l, Arc::clone(&shared))?;
@@ -118,7 +127,15 @@ fn run(cfg: Config) -> Result<i32> {
     notify::ready();
 
     let code = match &command_cgroup {
-        Some(cg) => run_command(&cfg.command, cg, user.as_ref(), &signals)?,
+        Some(cg) => {
+            let launch = command::Launch {
+                user: user.as_ref(),
+                limits: &caller_limits,
+                preserve_env: &cfg.preserve_env,
+                set_env: &cfg.set_env,
+            };
+            run_command(&cfg.command, cg, &launch, &signals)?
+        }
         None => wait_for_signal(&signals)?,
     };
     notify::stopping();
@@ -161,7 +178,8 @@ fn raise_limits() -> (u64, &'static str) {
 /// Blocked before any thread starts, so that every thread inherits the
 /// mask and only the main thread's sigwait() sees these signals. SIGQUIT
 /// (Ctrl-\) is only taken over when COMMAND is there to receive it, and
-/// SIGCHLD only matters then.
+/// SIGCHLD and SIGWINCH (passed on to COMMAND's own terminal) only matter
+/// then.
 fn block_signals(with_command: bool) -> Result<SigSet> {
     let mut signals = SigSet::empty();
     for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
@@ -170,6 +188,7 @@ fn block_signals(with_command: bool) -> Result<SigSet> {
     if with_command {
         signals.add(Signal::SIGQUIT);
         signals.add(Signal::SIGCHLD);
+        signals.add(Signal::SIGWINCH);
     }
     signals.thread_block().context("blocking signals")?;
     Ok(signals)
@@ -240,10 +259,10 @@ fn log_ready(
 fn run_command(
     argv: &[String],
     cgroup: &cgroup::CommandCgroup,
-    user: Option<&command::Identity>,
+    launch: &command::Launch,
     signals: &SigSet,
 ) -> Result<i32> {
-    let child = command::spawn(argv, cgroup, user)?;
+    let child = command::spawn(argv, cgroup, launch)?;
     let code = command::supervise(child, cgroup, signals)?;
     info!("COMMAND exited with status {code}: shutting down");
     Ok(code)

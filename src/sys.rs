@@ -1,7 +1,7 @@
 //! Thin wrappers over the socket and pipe syscalls std does not offer, so the
 //! rest of the code reads as the syscalls `strace` shows. nix types the calls
 //! it has; raw libc remains only where nix lacks the call or would cost a
-//! syscall (accept4 with the peer address, SO_ORIGINAL_DST, SO_NETNS_COOKIE).
+//! syscall (accept4 with the peer address, KTPROXY_ORIGIN, SO_NETNS_COOKIE).
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -18,11 +18,15 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
     SockaddrLike,
 };
+use nix::unistd::{setfsgid, setfsuid, Gid, Uid};
 
-/// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (netfilter's name; answered here by
-/// ktproxy's cgroup/getsockopt program).
-const SO_ORIGINAL_DST: libc::c_int = 80;
-const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+/// ktproxy's own getsockopt, answered by its cgroup/getsockopt program from
+/// the accepted socket's storage (bpf/ktproxy.bpf.c: SOL_KTPROXY,
+/// KTPROXY_ORIGIN, struct ktproxy_origin). The program also answers
+/// SO_ORIGINAL_DST for other tools; this returns the client's identity with
+/// the destination in the same single syscall.
+const SOL_KTPROXY: libc::c_int = 0x6b74;
+const KTPROXY_ORIGIN: libc::c_int = 1;
 /// Since Linux 5.14; neither nix nor libc's top level name it.
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
@@ -34,40 +38,69 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// The address an intercepted client originally dialed.
-///
-/// Raw getsockopt: nix's `OriginalDst`/`Ip6tOriginalDst` panic when the
-/// kernel answers with another length, and the answer here comes from a BPF
-/// program or netfilter, not from us.
-pub fn original_dst(sock: &TcpStream, ipv6: bool) -> io::Result<SocketAddr> {
-    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
-    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
-    let (level, name, want) = if ipv6 {
-        (
-            libc::SOL_IPV6,
-            IP6T_SO_ORIGINAL_DST,
-            size_of::<libc::sockaddr_in6>(),
-        )
-    } else {
-        (
-            libc::SOL_IP,
-            SO_ORIGINAL_DST,
-            size_of::<libc::sockaddr_in>(),
-        )
-    };
-    let mut len = want as libc::socklen_t;
-    // SAFETY: ss has room for `len` bytes; the kernel writes at most that.
+/// `struct ktproxy_origin` of the C file, byte for byte.
+#[repr(C)]
+#[derive(Default)]
+struct RawOrigin {
+    family: u16,
+    /// Network byte order.
+    port: u16,
+    /// Network byte order; IPv4 in the first four bytes.
+    ip: [u8; 16],
+    uid: u32,
+    gid: u32,
+}
+const _: () = assert!(size_of::<RawOrigin>() == 28);
+
+/// Where an intercepted client was going, and who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub dst: SocketAddr,
+    /// The uid and gid of the process that called connect().
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+}
+
+/// The original destination and the client's identity of a socket ktproxy
+/// accepted. Raw getsockopt: the answer is a struct of ktproxy's own.
+pub fn origin(sock: &TcpStream) -> io::Result<Origin> {
+    let mut raw = RawOrigin::default();
+    let mut len = size_of::<RawOrigin>() as libc::socklen_t;
+    // SAFETY: raw has room for `len` bytes; the kernel writes at most that.
     cvt(unsafe {
         libc::getsockopt(
             sock.as_raw_fd(),
-            level,
-            name,
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
+            SOL_KTPROXY,
+            KTPROXY_ORIGIN,
+            (&mut raw as *mut RawOrigin).cast(),
             &mut len,
         )
     })?;
-    sockaddr_to_std(&ss)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unexpected address family"))
+    if len as usize != size_of::<RawOrigin>() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("the kernel answered {len} bytes, not a ktproxy origin"),
+        ));
+    }
+    let port = u16::from_be(raw.port);
+    let dst = match libc::c_int::from(raw.family) {
+        libc::AF_INET => {
+            let [a, b, c, d, ..] = raw.ip;
+            SocketAddr::new(Ipv4Addr::new(a, b, c, d).into(), port)
+        }
+        libc::AF_INET6 => SocketAddr::new(Ipv6Addr::from(raw.ip).into(), port),
+        f => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("unexpected address family {f}"),
+            ))
+        }
+    };
+    Ok(Origin {
+        dst,
+        uid: raw.uid,
+        gid: raw.gid,
+    })
 }
 
 fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
@@ -153,15 +186,37 @@ pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     Ok((stream, peer))
 }
 
+/// What ktproxy's outgoing sockets carry besides their destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Egress {
+    /// (uid, gid) to create the socket as: the client's. None: ktproxy's own.
+    pub owner: Option<(libc::uid_t, libc::gid_t)>,
+    /// SO_MARK (--mark).
+    pub mark: Option<u32>,
+}
+
 /// Connects a non-blocking socket with TCP_NODELAY set, waiting at most
-/// `timeout`. The stream stays non-blocking, as the relay wants it.
+/// `timeout`. The stream stays non-blocking, as the relay wants it. As
+/// ktproxy itself: for connections with no client behind them.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn dial(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let fd = socket::socket(
-        family(addr),
-        SockType::Stream,
-        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    dial_as(addr, timeout, Egress::default())
+}
+
+/// `dial`, with the socket created as `egress.owner` and marked.
+pub fn dial_as(addr: &SocketAddr, timeout: Duration, egress: Egress) -> io::Result<TcpStream> {
+    let fd = {
+        let _as_client = egress.owner.map(|(uid, gid)| FsIds::assume(uid, gid));
+        socket::socket(
+            family(addr),
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?
+    };
+    if let Some(mark) = egress.mark {
+        socket::setsockopt(&fd, sockopt::Mark, &mark)?;
+    }
     let stream = TcpStream::from(fd);
     set_nodelay(&stream)?;
     match with_sockaddr(addr, |sa| socket::connect(stream.as_raw_fd(), sa)) {
@@ -191,6 +246,47 @@ pub fn dial(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
             "connect failed",
         )),
     }
+}
+
+/// This thread's filesystem uid and gid, switched to another user's until
+/// dropped. A socket's owner is taken from them when it is created: its
+/// inode's uid (sk_uid: `ip rule uidrange`, `ss -e`) and its file's
+/// credentials (nft `meta skuid`/`skgid`, iptables `-m owner`). The kernel
+/// keeps them per thread, and glibc's setfsuid/setfsgid are plain syscalls
+/// (not broadcast to every thread as setuid is), so no other thread is
+/// affected. They never fail visibly: without CAP_SETUID/CAP_SETGID they
+/// change nothing (see `can_create_as_others`).
+struct FsIds {
+    uid: Uid,
+    gid: Gid,
+}
+
+impl FsIds {
+    fn assume(uid: libc::uid_t, gid: libc::gid_t) -> FsIds {
+        // A thread whose fsuid is not 0 loses its filesystem capabilities,
+        // but not CAP_SETUID/CAP_SETGID: any order works; drop reverses it.
+        let gid = setfsgid(Gid::from_raw(gid));
+        let uid = setfsuid(Uid::from_raw(uid));
+        FsIds { uid, gid }
+    }
+}
+
+impl Drop for FsIds {
+    fn drop(&mut self) {
+        setfsuid(self.uid);
+        setfsgid(self.gid);
+    }
+}
+
+/// Whether this process can create sockets as another user: setfsuid
+/// reports no error, so switch to nobody and read back (an invalid id, -1,
+/// changes nothing and returns the current one).
+pub fn can_create_as_others() -> bool {
+    const NOBODY: libc::uid_t = 65534;
+    let _probe = FsIds::assume(NOBODY, NOBODY);
+    let uid = setfsuid(Uid::from_raw(libc::uid_t::MAX));
+    let gid = setfsgid(Gid::from_raw(libc::gid_t::MAX));
+    uid.as_raw() == NOBODY && gid.as_raw() == NOBODY
 }
 
 /// EMFILE or ENFILE: the process or the system has no descriptor left.
@@ -377,15 +473,36 @@ mod tests {
     }
 
     #[test]
-    fn original_dst_of_a_plain_connection_is_an_error_or_the_listener() {
+    fn origin_of_a_connection_ktproxy_did_not_redirect_is_an_error() {
         let l = listen(&"127.0.0.1:0".parse().unwrap(), 1).unwrap();
         let _c = dial(&l.local_addr().unwrap(), Duration::from_secs(5)).unwrap();
         let (s, _) = l.accept().unwrap();
-        // Without ktproxy's program the kernel answers: an error, or, when
-        // netfilter conntrack tracks the flow, the un-NATed destination.
-        match original_dst(&s, false) {
-            Err(_) => {}
-            Ok(a) => assert_eq!(a, l.local_addr().unwrap()),
-        }
+        // Without ktproxy's program no protocol knows SOL_KTPROXY (TCP
+        // hands it to IP, which answers EOPNOTSUPP).
+        let e = origin(&s).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "{e}");
+    }
+
+    #[test]
+    fn sockets_dialed_as_another_user_belong_to_it_and_carry_the_mark() {
+        // Needs root (CAP_SETUID, CAP_SETGID, CAP_NET_ADMIN), as ktproxy does.
+        assert!(can_create_as_others(), "run the tests as root");
+        let l = listen(&"127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let egress = Egress {
+            owner: Some((65534, 65533)),
+            mark: Some(0x4b50),
+        };
+        let c = dial_as(&l.local_addr().unwrap(), Duration::from_secs(5), egress).unwrap();
+        let meta = std::fs::metadata(format!("/proc/self/fd/{}", c.as_raw_fd())).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65533));
+        assert_eq!(socket::getsockopt(&c, sockopt::Mark).unwrap(), 0x4b50);
+        // This thread is itself again.
+        assert_eq!(setfsuid(Uid::from_raw(libc::uid_t::MAX)).as_raw(), 0);
+        assert_eq!(setfsgid(Gid::from_raw(libc::gid_t::MAX)).as_raw(), 0);
+        let plain = dial(&l.local_addr().unwrap(), Duration::from_secs(5)).unwrap();
+        let meta = std::fs::metadata(format!("/proc/self/fd/{}", plain.as_raw_fd())).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (0, 0));
+        assert_eq!(socket::getsockopt(&plain, sockopt::Mark).unwrap(), 0);
     }
 }

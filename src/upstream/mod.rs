@@ -41,10 +41,11 @@ struct Credentials {
 }
 
 impl fmt::Debug for Credentials {
-    // A stray {:?} in a log line must not leak the password.
+    // A stray {:?} in a log line must not leak them; the user name may be
+    // a token.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
-            .field("user", &String::from_utf8_lossy(&self.user))
+            .field("user", &"***")
             .field("pass", &"***")
             .finish()
     }
@@ -55,15 +56,30 @@ pub struct Upstream {
     kind: Kind,
     addr: SocketAddr,
     creds: Option<Credentials>,
-    /// The URL as given, password replaced by "***".
+    /// The URL as given, user info replaced by "***".
     shown: String,
+}
+
+/// Whether `url` has user info (credentials, or a token as user name).
+pub fn has_credentials(url: &str) -> bool {
+    url::userinfo_span(url).is_some_and(|r| !r.is_empty())
+}
+
+/// The byte range of `url`'s user info, the part to keep secret.
+pub fn userinfo_span(url: &str) -> Option<std::ops::Range<usize>> {
+    url::userinfo_span(url).filter(|r| !r.is_empty())
 }
 
 impl Upstream {
     /// Parses `socks5://[user:pass@]host:port` or `http://[user:pass@]host:port`
     /// and resolves the host once, at start-up.
     pub fn parse(url: &str) -> error::Result<Upstream> {
-        url::parse(url)
+        url::parse(url, "-u/--upstream")
+    }
+
+    /// `parse`, naming `source` (where the URL came from) in errors.
+    pub fn parse_from(url: &str, source: &str) -> error::Result<Upstream> {
+        url::parse(url, source)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -75,7 +91,7 @@ impl Upstream {
         self.kind
     }
 
-    /// The URL for logs, password replaced by "***".
+    /// The URL for logs, user info replaced by "***".
     pub fn display(&self) -> String {
         self.shown.clone()
     }

@@ -2,16 +2,17 @@
 //! resolving the proxy's host once at start-up.
 
 use std::net::{Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::ops::Range;
 
 use super::{socks5, Credentials, Kind, Upstream};
 use crate::error::{self, io_text, Error};
 
 /// Parses `socks5://[user:pass@]host:port` or `http://[user:pass@]host:port`
-/// and resolves the host once, at start-up.
-pub(super) fn parse(url: &str) -> error::Result<Upstream> {
+/// and resolves the host once, at start-up. `source` names where the URL
+/// came from in error messages ("-u/--upstream", "--upstream-file PATH").
+pub(super) fn parse(url: &str, source: &str) -> error::Result<Upstream> {
     let shown = redact(url);
-    let bad =
-        |reason: &str| Error::usage(format!("-u/--upstream: invalid URL '{shown}': {reason}"));
+    let bad = |reason: &str| Error::usage(format!("{source}: invalid URL '{shown}': {reason}"));
 
     let (scheme, rest) = url
         .split_once("://")
@@ -67,9 +68,7 @@ pub(super) fn parse(url: &str) -> error::Result<Upstream> {
     };
 
     let addr = resolve(host, port).map_err(|reason| {
-        Error::new(format!(
-            "-u/--upstream: cannot resolve host '{host}': {reason}"
-        ))
+        Error::new(format!("{source}: cannot resolve host '{host}': {reason}"))
     })?;
 
     Ok(Upstream {
@@ -127,18 +126,22 @@ fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
     }
 }
 
-/// Replaces the password in `url` by "***", for logs and error messages.
+/// Where the user info of `url` is: after the scheme's "://" (or from the
+/// start, without one) up to the last '@', the same split `parse` makes.
+/// None without an '@'.
+pub(super) fn userinfo_span(url: &str) -> Option<Range<usize>> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = start + url[start..].rfind('@')?;
+    Some(start..end)
+}
+
+/// Replaces the whole user info of `url` by "***", for logs and error
+/// messages: with hosted proxies the user name is often the secret itself
+/// (`socks5://TOKEN@host:port`).
 fn redact(url: &str) -> String {
-    let (prefix, rest) = match url.split_once("://") {
-        Some((scheme, rest)) => (format!("{scheme}://"), rest),
-        None => (String::new(), url),
-    };
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
-    };
-    match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{prefix}{user}:***{}", &rest[at..]),
-        None => url.to_string(),
+    match userinfo_span(url) {
+        Some(r) if !r.is_empty() => format!("{}***{}", &url[..r.start], &url[r.end..]),
+        _ => url.to_string(),
     }
 }
 
@@ -195,8 +198,9 @@ mod tests {
             (c.user.as_slice(), c.pass.as_slice()),
             (&b"alice"[..], &b"s3cret"[..])
         );
-        assert_eq!(up.display(), "http://alice:***@10.0.0.1:3128");
+        assert_eq!(up.display(), "http://***@10.0.0.1:3128");
         assert!(!format!("{up:?}").contains("s3cret"));
+        assert!(!format!("{up:?}").contains("alice"));
     }
 
     #[test]
@@ -205,25 +209,38 @@ mod tests {
         let c = up.creds.as_ref().unwrap();
         assert_eq!(c.user, b"me@corp");
         assert_eq!(c.pass, b"p:w/%d");
-        assert_eq!(up.display(), "socks5://me%40corp:***@127.0.0.1:1080");
+        assert_eq!(up.display(), "socks5://***@127.0.0.1:1080");
     }
 
     #[test]
-    fn username_without_password_means_an_empty_password() {
-        let up = Upstream::parse("socks5://bob@127.0.0.1:1080").unwrap();
+    fn username_without_password_means_an_empty_password_and_is_hidden_too() {
+        // Hosted proxies take a token as the user name, with no password.
+        let up = Upstream::parse("socks5://tok3n@127.0.0.1:1080").unwrap();
         let c = up.creds.as_ref().unwrap();
         assert_eq!(
             (c.user.as_slice(), c.pass.as_slice()),
-            (&b"bob"[..], &b""[..])
+            (&b"tok3n"[..], &b""[..])
         );
-        assert_eq!(up.display(), "socks5://bob@127.0.0.1:1080");
+        assert_eq!(up.display(), "socks5://***@127.0.0.1:1080");
+        assert!(!format!("{up:?}").contains("tok3n"));
+    }
+
+    #[test]
+    fn userinfo_span_matches_the_split_parse_makes() {
+        let url = "http://u:p@ss@h:1";
+        assert_eq!(&url[userinfo_span(url).unwrap()], "u:p@ss");
+        assert_eq!(userinfo_span("socks5://h:1"), None);
+        assert_eq!(&"t@h:1"[userinfo_span("t@h:1").unwrap()], "t");
+        assert_eq!(redact("http://@h:1"), "http://@h:1");
+        assert!(crate::upstream::has_credentials("socks5://t@h:1"));
+        assert!(!crate::upstream::has_credentials("socks5://h:1"));
     }
 
     #[test]
     fn unencoded_at_sign_in_password_splits_at_the_last_one() {
         let up = Upstream::parse("socks5://u:p@ss@127.0.0.1:1080").unwrap();
         assert_eq!(up.creds.as_ref().unwrap().pass, b"p@ss");
-        assert_eq!(up.display(), "socks5://u:***@127.0.0.1:1080");
+        assert_eq!(up.display(), "socks5://***@127.0.0.1:1080");
     }
 
     #[test]
@@ -265,7 +282,7 @@ mod tests {
     fn rejects_a_url_without_scheme_and_hides_its_password() {
         assert_eq!(
             usage_error("u:secret@127.0.0.1:1080"),
-            "-u/--upstream: invalid URL 'u:***@127.0.0.1:1080': \
+            "-u/--upstream: invalid URL '***@127.0.0.1:1080': \
              missing scheme (expected socks5:// or http://)"
         );
     }
@@ -358,12 +375,12 @@ mod tests {
     fn rejects_bad_percent_encoding() {
         assert_eq!(
             usage_error("socks5://a%4:pw@h:1"),
-            "-u/--upstream: invalid URL 'socks5://a%4:***@h:1': \
+            "-u/--upstream: invalid URL 'socks5://***@h:1': \
              invalid percent-encoding in the username"
         );
         assert_eq!(
             usage_error("socks5://a:p%zz@h:1"),
-            "-u/--upstream: invalid URL 'socks5://a:***@h:1': \
+            "-u/--upstream: invalid URL 'socks5://***@h:1': \
              invalid percent-encoding in the password"
         );
     }
@@ -372,7 +389,7 @@ mod tests {
     fn rejects_empty_username() {
         assert_eq!(
             usage_error("socks5://:pw@h:1"),
-            "-u/--upstream: invalid URL 'socks5://:***@h:1': empty username"
+            "-u/--upstream: invalid URL 'socks5://***@h:1': empty username"
         );
         assert_eq!(
             usage_error("http://@h:1"),

@@ -10,7 +10,8 @@
 //! - `upstream`: SOCKS5 and HTTP proxies for `-u` (microsocks, tinyproxy);
 //! - `netns`: network namespaces;
 //! - `bpftool`: what the kernel has attached, as bpftool shows it;
-//! - `unprivileged`: ktproxy run as nobody, from a copy nobody can reach.
+//! - `unprivileged`: ktproxy run as nobody, from a copy nobody can reach;
+//! - `security`: nftables tables, clients as nobody, a terminal (script).
 //!
 //! ktproxy's log lines are parsed by `ktproxy::logline`, re-exported here.
 //!
@@ -33,6 +34,7 @@ mod netns;
 mod process;
 mod proxy;
 mod route;
+mod security;
 mod servers;
 mod unprivileged;
 mod upstream;
@@ -41,7 +43,7 @@ mod upstream;
 #[allow(unused_imports)]
 pub use self::{
     bpftool::*, cgroup::*, clients::*, command::*, netns::*, process::*, proxy::*, route::*,
-    servers::*, unprivileged::*, upstream::*,
+    security::*, servers::*, unprivileged::*, upstream::*,
 };
 #[allow(unused_imports)]
 pub use ktproxy::logline::{
