@@ -17,7 +17,12 @@
  *   4. getpeername4/6 (cgroup of C): C asks who its peer is; answer D, not P.
  *
  * Socket storage is freed by the kernel with its socket, so nothing can leak
- * or answer for another connection. `flows` holds an entry only between
+ * or answer for another connection. Nor can a `flows` entry go to the wrong
+ * accepted socket: two sockets in the accept queue with the same 4-tuple
+ * means the first was reset there (a live one would still own the tuple),
+ * and a reset socket reads src_port 0 (tcp_set_state(TCP_CLOSE) ->
+ * inet_put_port() zeroes inet_num), so its key matches nothing
+ * (tests/failsafe_sockets.rs proves it). `flows` holds an entry only between
  * steps 2 and 3, while the connection waits in the accept queue; it is an LRU
  * map so that connections ktproxy never accepts cannot fill it.
  *
@@ -84,9 +89,6 @@ struct orig_dst {
 	__u16 family;
 	/* Process (thread group, as the kernel numbers it) that connected. */
 	__u32 client_tgid;
-	/* In `flows` only: the proxy side's initial sequence number + 1, as
-	 * the client saw it in the SYN-ACK (see same_connection). */
-	__u32 proxy_isn;
 };
 
 /* One redirected connection C<->P as the kernel sees it. */
@@ -189,7 +191,6 @@ enum stat {
 	STAT_GUARD_REFUSED,         /* guard: a connect to proxy was not redirected (EPERM) */
 	STAT_SKIPPED_UPSTREAM,      /* the local upstream proxy's own connect */
 	STAT_LOOP,                  /* a connection came back from ktproxy itself (ELOOP) */
-	STAT_FLOW_MISMATCH,         /* `flows` held another connection's entry for the tuple */
 	STAT_MAX,
 };
 
@@ -343,21 +344,6 @@ static __always_inline void forget_destination(struct bpf_sock_addr *ctx)
 {
 	if (bpf_sk_storage_get(&client_dst, ctx->sk, 0, 0))
 		bpf_sk_storage_delete(&client_dst, ctx->sk);
-}
-
-/* Whether the `flows` entry for an accepted socket's tuple is this very
- * connection's: a connection reset while still in the accept queue frees its
- * tuple, and a new one may take it (and its entry) before ktproxy accepts
- * the dead one. Each has its own initial sequence number; before ktproxy
- * has sent anything, snd_una is that number + 1. */
-static __always_inline int same_connection(struct bpf_sock *sk, const struct orig_dst *pending)
-{
-	struct bpf_tcp_sock *tp = bpf_tcp_sock(sk);
-
-	if (tp && tp->snd_una == pending->proxy_isn)
-		return 1;
-	count(STAT_FLOW_MISMATCH);
-	return 0;
 }
 
 /* A connection that ktproxy itself made and that came back to it: ktproxy
@@ -680,7 +666,7 @@ int ktproxy_sockops_client(struct bpf_sock_ops *skops)
 {
 	__u32 local[4] = {}, remote[4] = {};
 	struct flow_key key = {};
-	struct orig_dst *dst, flow;
+	struct orig_dst *dst;
 	struct bpf_sock *sk;
 
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
@@ -705,10 +691,7 @@ int ktproxy_sockops_client(struct bpf_sock_ops *skops)
 	 * in its upper 16 bits. */
 	fill_key(&key, skops->family, local, (__u16)skops->local_port, remote,
 		 (__u16)bpf_ntohl(skops->remote_port));
-	flow = *dst;
-	/* The SYN-ACK's sequence number + 1: see same_connection. */
-	flow.proxy_isn = skops->rcv_nxt;
-	if (bpf_map_update_elem(&flows, &key, &flow, BPF_ANY) == 0)
+	if (bpf_map_update_elem(&flows, &key, dst, BPF_ANY) == 0)
 		count(STAT_FLOWS_PUBLISHED);
 	return 1;
 }
@@ -734,7 +717,7 @@ static __always_inline struct orig_dst *accepted_orig_dst(struct bpf_sock *sk)
 	/* src_port is host order, dst_port network order. */
 	fill_key(&key, sk->family, remote, bpf_ntohs(sk->dst_port), local, (__u16)sk->src_port);
 	pending = bpf_map_lookup_elem(&flows, &key);
-	if (!pending || !same_connection(sk, pending))
+	if (!pending)
 		return 0;
 	dst = bpf_sk_storage_get(&accepted_dst, sk, pending, BPF_SK_STORAGE_GET_F_CREATE);
 	bpf_map_delete_elem(&flows, &key);

@@ -119,7 +119,6 @@ const STATS: [(stat, &str); stat::STAT_MAX.0 as usize] = stat_names![
     STAT_GUARD_REFUSED => "guard_refused",
     STAT_SKIPPED_UPSTREAM => "skipped_upstream",
     STAT_LOOP => "loop",
-    STAT_FLOW_MISMATCH => "flow_mismatch",
 ];
 
 // Entry i is enumerator i: with the size, every counter is named exactly once.
@@ -600,6 +599,15 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
     ro.have_excl4 = u8::from(!excl4.is_empty());
     ro.have_excl6 = u8::from(!excl6.is_empty());
 
+    // The guard is loaded only where it is attached: every loaded ktproxy
+    // program is attached somewhere (tests rely on that to find leaks).
+    for guard in [
+        &mut open.progs.ktproxy_guard4,
+        &mut open.progs.ktproxy_guard6,
+    ] {
+        guard.set_autoload(cfg.fail_closed);
+    }
+
     // LPM tries are sized to their rules (an empty map is not allowed).
     let m = &mut open.maps;
     for (map, len) in [
@@ -891,8 +899,7 @@ libbpf: failed to load object 'ktproxy_bpf'
             "redirected=0 skipped_proxy_own=10 skipped_other_netns=20 skipped_by_rule=30 \
              skipped_to_proxy=40 no_socket_storage=50 flows_published=60 flows_claimed=70 \
              original_dst_answered=80 bound_to_device=90 kernel_socket=100 mptcp_subflow=110 \
-             stale=120 refused=130 guard_refused=140 skipped_upstream=150 loop=160 \
-             flow_mismatch=170"
+             stale=120 refused=130 guard_refused=140 skipped_upstream=150 loop=160"
         );
     }
 

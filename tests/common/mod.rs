@@ -28,6 +28,7 @@ mod bpftool;
 mod cgroup;
 mod clients;
 mod command;
+mod faults;
 mod netns;
 mod process;
 mod proxy;
@@ -38,8 +39,8 @@ mod upstream;
 // Each test file uses a part: what one does not use is not an error.
 #[allow(unused_imports)]
 pub use self::{
-    bpftool::*, cgroup::*, clients::*, command::*, netns::*, process::*, proxy::*, route::*,
-    servers::*, upstream::*,
+    bpftool::*, cgroup::*, clients::*, command::*, faults::*, netns::*, process::*, proxy::*,
+    route::*, servers::*, upstream::*,
 };
 #[allow(unused_imports)]
 pub use ktproxy::logline::{
