@@ -1,37 +1,44 @@
-//! The accept loop: a few threads parked on each listener, accepting for
-//! themselves, and a bench of idle ones.
+//! The accept loop: idle threads parked on each listener, accepting for
+//! themselves.
 //!
-//! A parked thread waits in poll(2) on the non-blocking listener, then
-//! accept4(2)s. Not in a blocking accept4: Linux reserves the new descriptor
-//! (get_unused_fd_flags) before accept4 sleeps, so every thread blocked
-//! there pins one slot of the descriptor table, unseen in /proc/PID/fd; with
-//! many idle threads, a process near its limit had no descriptor left for
-//! the connections it accepted. poll reserves nothing.
+//! A parked thread waits in epoll_wait(2), then accept4(2)s the
+//! non-blocking listener. Not in a blocking accept4: Linux reserves the new
+//! descriptor (get_unused_fd_flags) before accept4 sleeps, so every thread
+//! blocked there pins one slot of the descriptor table, unseen in
+//! /proc/PID/fd; with many idle threads, a process near its limit had no
+//! descriptor left for the connections it accepted. epoll_wait reserves
+//! nothing.
 //!
-//! poll wakes every thread waiting on the listener, so at most `PARK_MAX`
-//! wait there (a small herd); the others wait on a condition variable, off
-//! the listener. The thread that accepts serves the connection start to end
-//! (one thread per connection, a straight-line loop under strace), then
-//! tries accept4 once more before it parks again: under load that succeeds
-//! at no cost. Only when fewer than `PARK_MIN` are left parked is a benched
-//! thread woken, or a new one started: a steady stream of connections costs
-//! no thread creation.
+//! All of a listener's threads wait on one epoll instance, whose waiters the
+//! kernel wakes one at a time (exclusive waits, as blocking accept4's were):
+//! no thundering herd, however many wait. The listener is registered
+//! one-shot: the woken thread re-arms it right after its accept4, so the
+//! next connection wakes the next waiter, and nobody is woken for a
+//! connection already taken (level-triggered, every event would also wake
+//! a second waiter for nothing). The thread that accepts serves the
+//! connection start to end (one thread per connection, a straight-line loop
+//! under strace), then takes the next waiting one, if any, before it parks
+//! again: under load that costs no wait at all. A new thread is spawned only
+//! when fewer than `PARK_MIN` are left parked, so a steady stream of
+//! connections costs no thread creation.
 //!
 //! Every accept4 that returns a connection, or finds none waiting, proves
-//! that ktproxy can accept: it renews the kernel's heartbeat, at least every
-//! `POLL_INTERVAL` while idle. A ktproxy that cannot accept (stopped, out of
-//! descriptors, out of threads) stops proving it, and connects stop being
-//! redirected into it.
+//! that ktproxy can accept: it renews the kernel's heartbeat. A timerfd in
+//! the same epoll instance wakes one parked thread every `TICK` to try: a
+//! ktproxy that cannot accept (stopped, out of descriptors, no thread
+//! parked) stops proving it, and connects stop being redirected into it.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use crate::bpf::Heartbeat;
 use crate::conn::{self, Shared};
@@ -39,20 +46,21 @@ use crate::error::{io_text, Context, Result};
 use crate::sys;
 
 /// Keep at least this many threads parked on each listener.
-const PARK_MIN: usize = 1;
-/// At most this many: each incoming connection wakes all of them.
-const PARK_MAX: usize = 2;
-/// Idle threads kept on the bench; a thread that finishes a connection
-/// while the bench is full exits.
-const BENCH_MAX: usize = 256;
-/// A parked thread looks at the listener at least this often: the
-/// heartbeat's period (the kernel stops redirecting after 1 s without one).
-const POLL_INTERVAL: u16 = 250;
+const PARK_MIN: usize = 2;
+/// A thread that finishes a connection while this many are parked exits.
+const PARK_MAX: usize = 256;
+/// How often a parked thread proves that ktproxy can accept; the kernel
+/// stops redirecting after 1 s without a proof.
+const TICK: Duration = Duration::from_millis(250);
 /// At most one warning per this interval about failing to start threads.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
 /// Connection threads need little stack: the relay uses a few hundred bytes,
 /// logging a few KiB. Only touched pages cost memory.
 const STACK_SIZE: usize = 128 * 1024;
+
+/// epoll's data for each source.
+const LISTENER: u64 = 0;
+const TICKER: u64 = 1;
 
 /// The threads of one listener.
 pub struct Acceptors {
@@ -60,21 +68,15 @@ pub struct Acceptors {
     local: SocketAddr,
     shared: Arc<Shared>,
     heartbeat: Heartbeat,
-    /// Threads on the listener, counted by whoever sends them there (the
-    /// spawner, the waker) so that a burst does not call a crowd.
+    /// The listener and the ticker: where parked threads wait.
+    epoll: Epoll,
+    ticker: TimerFd,
+    /// Threads parked (or about to park), counted by whoever sends them
+    /// there (the spawner, the thread itself) so that a burst does not start
+    /// a crowd.
     parked: AtomicUsize,
-    bench: Mutex<Bench>,
-    called: Condvar,
     /// When starting a thread last failed and was reported.
     spawn_warned: Mutex<Option<Instant>>,
-}
-
-#[derive(Default)]
-struct Bench {
-    /// Threads waiting on `called`.
-    idle: usize,
-    /// Of those, how many were called back to the listener.
-    calls: usize,
 }
 
 /// Starts the threads for `listener` and returns them, for the watchdog.
@@ -89,14 +91,33 @@ pub fn start(
     listener
         .set_nonblocking(true)
         .context("making the listener non-blocking")?;
+    let epoll =
+        Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("creating an epoll instance")?;
+    epoll
+        .add(&listener, listener_event())
+        .context("watching the listener")?;
+    let ticker = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+    )
+    .context("creating the heartbeat timer")?;
+    ticker
+        .set(
+            Expiration::Interval(TimeSpec::from_duration(TICK)),
+            TimerSetTimeFlags::empty(),
+        )
+        .context("setting the heartbeat timer")?;
+    epoll
+        .add(&ticker, EpollEvent::new(EpollFlags::EPOLLIN, TICKER))
+        .context("watching the heartbeat timer")?;
     let pool = Arc::new(Acceptors {
         listener,
         local,
         shared,
         heartbeat,
+        epoll,
+        ticker,
         parked: AtomicUsize::new(0),
-        bench: Mutex::new(Bench::default()),
-        called: Condvar::new(),
         spawn_warned: Mutex::new(None),
     });
     for _ in 0..PARK_MIN {
@@ -110,46 +131,11 @@ impl Acceptors {
     /// retry when starting threads failed (pids.max, threads-max).
     pub fn top_up(self: &Arc<Self>) {
         while self.parked.load(Ordering::SeqCst) < PARK_MIN {
-            if let Err(e) = self.call_one() {
+            if let Err(e) = spawn(self) {
                 self.warn_spawn_failed(&e);
                 return;
             }
         }
-    }
-
-    /// Sends one more thread to the listener: a benched one, or a new one.
-    fn call_one(self: &Arc<Self>) -> io::Result<()> {
-        {
-            let mut b = self.lock_bench();
-            if b.idle > b.calls {
-                b.calls += 1;
-                self.parked.fetch_add(1, Ordering::SeqCst);
-                self.called.notify_one();
-                return Ok(());
-            }
-        }
-        spawn(self)
-    }
-
-    fn lock_bench(&self) -> MutexGuard<'_, Bench> {
-        // Nothing panics while holding it; a poisoned count is still a count.
-        self.bench.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Waits off the listener until called back (true) or, with the bench
-    /// full, returns false at once: the thread exits.
-    fn bench(&self) -> bool {
-        let mut b = self.lock_bench();
-        if b.idle >= BENCH_MAX {
-            return false;
-        }
-        b.idle += 1;
-        while b.calls == 0 {
-            b = self.called.wait(b).unwrap_or_else(|e| e.into_inner());
-        }
-        b.calls -= 1;
-        b.idle -= 1;
-        true
     }
 
     fn warn_spawn_failed(&self, e: &io::Error) {
@@ -165,12 +151,35 @@ impl Acceptors {
         }
     }
 
+    /// A connection already waiting in the backlog, if any (errors are left
+    /// to the parked threads, which pause on them).
+    fn take_waiting(&self) -> Option<(TcpStream, SocketAddr)> {
+        let accepted = sys::accept(&self.listener).ok()?;
+        self.heartbeat.beat();
+        Some(accepted)
+    }
+
     /// Waits on the listener until a connection comes. The caller is
-    /// counted in `parked`; on return it no longer is.
-    fn park(&self) -> (TcpStream, SocketAddr) {
+    /// counted in `parked`; on return it no longer is. `waiting_checked`:
+    /// the caller's accept4 just found none waiting.
+    fn park(&self, mut waiting_checked: bool) -> (TcpStream, SocketAddr) {
         let mut last_warning: Option<Instant> = None;
+        let mut rearm = false;
         loop {
-            match sys::accept(&self.listener) {
+            if waiting_checked {
+                // The caller just found nothing waiting: wait first.
+                waiting_checked = false;
+                rearm = self.wait();
+                continue;
+            }
+            let accepted = sys::accept(&self.listener);
+            if rearm {
+                // One-shot: the next waiter is woken only once the listener
+                // is armed again, after this thread took its connection.
+                let _ = self.epoll.modify(&self.listener, &mut listener_event());
+                rearm = false;
+            }
+            match accepted {
                 Ok(accepted) => {
                     self.heartbeat.beat();
                     self.parked.fetch_sub(1, Ordering::SeqCst);
@@ -179,11 +188,7 @@ impl Acceptors {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Nothing waiting (or another thread took it): healthy.
                     self.heartbeat.beat();
-                    let mut pfd = [PollFd::new(self.listener.as_fd(), PollFlags::POLLIN)];
-                    if let Err(e) = sys::poll(&mut pfd, PollTimeout::from(POLL_INTERVAL)) {
-                        debug!("poll on {}: {}", self.local, io_text(&e));
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
+                    rearm = self.wait();
                 }
                 Err(e) => {
                     // No heartbeat: ktproxy cannot accept right now.
@@ -202,6 +207,27 @@ impl Acceptors {
                         debug!("accept: {}", io_text(&e));
                     }
                 }
+            }
+        }
+    }
+
+    /// Sleeps until the listener is readable (true: it is disarmed) or the
+    /// ticker fires.
+    fn wait(&self) -> bool {
+        let mut events = [EpollEvent::empty()];
+        match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+            Ok(1) if events[0].data() == TICKER => {
+                // Level-triggered: consume the expiry, or every waiter would
+                // wake. EAGAIN: another thread did.
+                let _ = self.ticker.wait();
+                false
+            }
+            Ok(1) => true,
+            Ok(_) | Err(Errno::EINTR) => false,
+            Err(e) => {
+                debug!("epoll_wait on {}: {}", self.local, e.desc());
+                std::thread::sleep(Duration::from_millis(10));
+                false
             }
         }
     }
@@ -252,13 +278,14 @@ fn spawn(pool: &Arc<Acceptors>) -> io::Result<()> {
     Ok(())
 }
 
-/// A connection thread: parked (counted by whoever started or called it),
-/// serving, then parked again, benched, or gone.
+/// A connection thread: parked (counted by whoever started it), serving,
+/// then parked again or gone.
 fn thread_main(pool: &Arc<Acceptors>) {
+    let mut waiting_checked = false;
     loop {
-        let (stream, peer) = pool.park();
+        let (stream, peer) = pool.park(waiting_checked);
         if pool.parked.load(Ordering::SeqCst) < PARK_MIN {
-            if let Err(e) = pool.call_one() {
+            if let Err(e) = spawn(pool) {
                 pool.warn_spawn_failed(&e);
                 if pool.parked.load(Ordering::SeqCst) == 0 {
                     // Serving it would leave nobody on the listener, and
@@ -267,19 +294,27 @@ fn thread_main(pool: &Arc<Acceptors>) {
                     sys::set_linger_zero(&stream);
                     drop(stream);
                     pool.parked.fetch_add(1, Ordering::SeqCst);
+                    waiting_checked = false;
                     continue;
                 }
             }
         }
         conn::serve(&pool.shared, stream, peer, pool.local);
+        // Under load the next connection is already waiting: take it
+        // without a wait, and without counting as parked.
+        while let Some((stream, peer)) = pool.take_waiting() {
+            conn::serve(&pool.shared, stream, peer, pool.local);
+        }
         if pool.parked.fetch_add(1, Ordering::SeqCst) >= PARK_MAX {
             pool.parked.fetch_sub(1, Ordering::SeqCst);
-            if !pool.bench() {
-                return;
-            }
-            // Called back: `parked` already counts this thread.
+            return;
         }
+        waiting_checked = true;
     }
+}
+
+fn listener_event() -> EpollEvent {
+    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLONESHOT, LISTENER)
 }
 
 /// None for errors that concern one connection only (it was aborted before
