@@ -733,9 +733,15 @@ fn load_error(err: &str, log: &str) -> Error {
     let (kernel, release) = preflight::kernel_version();
     let (maj, min) = preflight::MIN_KERNEL;
     let too_old = kernel.is_some_and(|k| k < preflight::MIN_KERNEL);
+    let no_btf = !Path::new("/sys/kernel/btf/vmlinux").exists();
     let kernel_note = format!(
-        "kernel {release}{}; ktproxy needs Linux >= {maj}.{min}",
-        if too_old { ", too old" } else { "" }
+        "kernel {release}{}; ktproxy needs Linux >= {maj}.{min}{}",
+        if too_old { ", too old" } else { "" },
+        if no_btf {
+            " with BTF (CONFIG_DEBUG_INFO_BTF; /sys/kernel/btf/vmlinux is missing)"
+        } else {
+            ""
+        }
     );
     let what = match failed_program(log) {
         Some(prog) => format!("loading eBPF program {prog}"),
