@@ -9,7 +9,8 @@
 //! - `route`: whether a connection went through ktproxy or direct;
 //! - `upstream`: SOCKS5 and HTTP proxies for `-u` (microsocks, tinyproxy);
 //! - `netns`: network namespaces;
-//! - `bpftool`: what the kernel has attached, as bpftool shows it.
+//! - `bpftool`: what the kernel has attached, as bpftool shows it;
+//! - `faults`: stopped processes, capped threads, a probe that keeps connecting.
 //!
 //! ktproxy's log lines are parsed by `ktproxy::logline`, re-exported here.
 //!
