@@ -18,7 +18,12 @@
  *   4. getpeername4/6 (cgroup of C): C asks who its peer is; answer D, not P.
  *
  * Socket storage is freed by the kernel with its socket, so nothing can leak
- * or answer for another connection. `flows` holds an entry only between
+ * or answer for another connection. Nor can a `flows` entry go to the wrong
+ * accepted socket: two sockets in the accept queue with the same 4-tuple
+ * means the first was reset there (a live one would still own the tuple),
+ * and a reset socket reads src_port 0 (tcp_set_state(TCP_CLOSE) ->
+ * inet_put_port() zeroes inet_num), so its key matches nothing
+ * (tests/failsafe_sockets.rs proves it). `flows` holds an entry only between
  * steps 2 and 3, while the connection waits in the accept queue; it is an LRU
  * map so that connections ktproxy never accepts cannot fill it.
  *
@@ -30,6 +35,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 /* glibc's <sys/socket.h> does not build for -target bpf. */
 #define AF_INET 2
@@ -45,6 +51,7 @@
  * a real option. Mirrored in src/sys.rs. */
 #define SOL_KTPROXY 0x6b74 /* "kt" */
 #define KTPROXY_ORIGIN 1   /* struct ktproxy_origin */
+#define ELOOP 40
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -90,6 +97,8 @@ struct orig_dst {
 	 * same owner (firewall rules on skuid, per-uid routing). */
 	__u32 uid;
 	__u32 gid;
+	/* Process (thread group, as the kernel numbers it) that connected. */
+	__u32 client_tgid;
 };
 
 /* The answer to getsockopt(SOL_KTPROXY, KTPROXY_ORIGIN): the destination and
@@ -194,6 +203,14 @@ enum stat {
 	STAT_FLOWS_PUBLISHED,       /* step 2 */
 	STAT_FLOWS_CLAIMED,         /* step 3, first call */
 	STAT_ORIGINAL_DST_ANSWERED, /* step 3 */
+	STAT_BOUND_TO_DEVICE,       /* SO_BINDTODEVICE / VRF socket: cannot reach the listener */
+	STAT_KERNEL_SOCKET,         /* the kernel's own socket (NFS, SMB, NVMe/TCP, ...) */
+	STAT_MPTCP_SUBFLOW,         /* kernel socket of a user's MPTCP socket: redirected */
+	STAT_STALE,                 /* ktproxy has not proven it can accept for 1 s */
+	STAT_REFUSED,               /* fail closed: one of the above refused (EPERM), not direct */
+	STAT_GUARD_REFUSED,         /* guard: a connect to proxy was not redirected (EPERM) */
+	STAT_SKIPPED_UPSTREAM,      /* the local upstream proxy's own connect */
+	STAT_LOOP,                  /* a connection came back from ktproxy itself (ELOOP) */
 	STAT_MAX,
 };
 
@@ -216,6 +233,148 @@ static __always_inline void count(__u32 idx)
 
 	if (v)
 		*v += 1;
+}
+
+/* ---- fail safe: liveness, sockets the redirect cannot serve, loops -------- */
+
+/* Command mode with an upstream: a connect that should be proxied but cannot
+ * be is refused (EPERM) instead of going direct ("fail closed": nothing
+ * leaks). Otherwise it goes direct ("fail open": the machine keeps working). */
+const volatile __u8 fail_closed = 0;
+
+/* ktproxy counts as alive while its heartbeat is at most this old. */
+#define HEARTBEAT_MAX_AGE_NS 1000000000LL
+
+/* CLOCK_MONOTONIC time, as bpf_ktime_get_ns() reads it, at which ktproxy
+ * last proved that it can accept. src/bpf.rs maps this array into
+ * ktproxy's memory (BPF_F_MMAPABLE) and the acceptors write it at least
+ * every 250 ms: a stopped (SIGSTOP), hung or thread-starved ktproxy stops
+ * writing, and within a second its connects stop being redirected. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} heartbeat SEC(".maps");
+
+/* Processes whose connects are never redirected, by kernel tgid: ktproxy
+ * itself (so that it cannot proxy itself when moved out of its cgroup) and
+ * the processes that own a local upstream proxy's listening socket (so that
+ * the upstream's own connections cannot loop back into ktproxy). */
+#define EXEMPT_PROXY 1
+#define EXEMPT_UPSTREAM 2
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u32);
+	__type(value, __u8);
+} exempt_tgids SEC(".maps");
+
+/* Only the fields read, located in the running kernel's BTF (CO-RE). */
+struct sock___ktproxy {
+	__u8 sk_kern_sock : 1;
+} __attribute__((preserve_access_index));
+
+struct tcp_sock___ktproxy {
+	_Bool is_mptcp;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u32 current_tgid(void)
+{
+	return bpf_get_current_pid_tgid() >> 32;
+}
+
+static __always_inline int proxy_alive(void)
+{
+	__u32 zero = 0;
+	__u64 *beat = bpf_map_lookup_elem(&heartbeat, &zero);
+
+	/* Signed: a beat written after bpf_ktime_get_ns() read the clock is
+	 * "in the future", not 584 years old. */
+	return beat && (__s64)(bpf_ktime_get_ns() - *beat) <= HEARTBEAT_MAX_AGE_NS;
+}
+
+/* What becomes of a connect that is not redirected after all. */
+static __always_inline int direct_or_refused(void)
+{
+	if (fail_closed) {
+		count(STAT_REFUSED);
+		return 0;
+	}
+	return 1;
+}
+
+/* sock_create_kern() sockets (sk_kern_sock, set by sk_alloc() from its
+ * `kern` argument): NFS and SMB mounts, NVMe/TCP, iSCSI offload... A kernel
+ * client must never depend on a user-space proxy (it may be what that
+ * proxy's memory is written back to). MPTCP's subflows are kernel sockets
+ * too, but each carries a user's MPTCP socket (tcp_sock.is_mptcp): those are
+ * the user's connection and stay intercepted (it falls back to plain TCP). */
+static __always_inline int kernel_socket(struct bpf_sock *sk)
+{
+	struct tcp_sock___ktproxy *tp = (void *)bpf_skc_to_tcp_sock(sk);
+	struct sock___ktproxy *s = (void *)tp;
+
+	if (!tp || !BPF_CORE_READ_BITFIELD(s, sk_kern_sock))
+		return 0;
+	if (bpf_core_field_exists(tp->is_mptcp) && tp->is_mptcp) {
+		count(STAT_MPTCP_SUBFLOW);
+		return 0;
+	}
+	return 1;
+}
+
+/* Called once every rule wants the connect redirected: -1 to redirect it,
+ * otherwise the program's return value (1 direct, 0 refused with EPERM). */
+static __always_inline int cannot_redirect(struct bpf_sock_addr *ctx)
+{
+	__u32 tgid = current_tgid();
+	__u8 *exempt = bpf_map_lookup_elem(&exempt_tgids, &tgid);
+
+	if (exempt) {
+		if (*exempt == EXEMPT_PROXY) {
+			count(STAT_SKIPPED_PROXY_OWN);
+			return 1;
+		}
+		count(STAT_SKIPPED_UPSTREAM);
+		return direct_or_refused();
+	}
+	/* A device-bound socket (SO_BINDTODEVICE, a VRF) cannot reach the
+	 * loopback listener: redirected, its SYN would go nowhere. */
+	if (ctx->sk->bound_dev_if) {
+		count(STAT_BOUND_TO_DEVICE);
+		return direct_or_refused();
+	}
+	if (kernel_socket(ctx->sk)) {
+		count(STAT_KERNEL_SOCKET);
+		return direct_or_refused();
+	}
+	if (!proxy_alive()) {
+		count(STAT_STALE);
+		return direct_or_refused();
+	}
+	return -1;
+}
+
+/* A socket may connect again after a failed connect (or a connect to
+ * AF_UNSPEC): what an earlier connect remembered must not answer for it. */
+static __always_inline void forget_destination(struct bpf_sock_addr *ctx)
+{
+	if (bpf_sk_storage_get(&client_dst, ctx->sk, 0, 0))
+		bpf_sk_storage_delete(&client_dst, ctx->sk);
+}
+
+/* A connection that ktproxy itself made and that came back to it: ktproxy
+ * was moved out of its cgroup, where exempt_tgids could not name it (another
+ * PID namespace). Answering would make it dial itself forever. */
+static __always_inline int came_from_proxy(const struct orig_dst *dst)
+{
+	if (dst->client_tgid != current_tgid())
+		return 0;
+	count(STAT_LOOP);
+	return 1;
 }
 
 /* ---- the redirect decision ---------------------------------------------- */
@@ -286,6 +445,7 @@ static __always_inline int remember(struct bpf_sock_addr *ctx, const struct orig
 	*st = *dst;
 	st->uid = (__u32)ugid;
 	st->gid = ugid >> 32;
+	st->client_tgid = current_tgid();
 	count(STAT_REDIRECTED);
 	return 1;
 }
@@ -308,7 +468,9 @@ int ktproxy_connect4(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst dst = {};
 	__u16 port;
+	int verdict;
 
+	forget_destination(ctx);
 	if (!listen_port4 || !socket_wanted(ctx))
 		return 1;
 	/* user_port holds the network-order port in its low 16 bits. */
@@ -324,8 +486,11 @@ int ktproxy_connect4(struct bpf_sock_addr *ctx)
 	}
 	dst.port = bpf_htons(port);
 	dst.family = AF_INET;
+	verdict = cannot_redirect(ctx);
+	if (verdict >= 0)
+		return verdict;
 	if (!remember(ctx, &dst))
-		return 1;
+		return direct_or_refused();
 	ctx->user_ip4 = listen_ip4;
 	/* The verifier accepts only 32-bit stores to user_port. */
 	ctx->user_port = (__u32)bpf_htons(listen_port4);
@@ -337,7 +502,9 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst dst = {};
 	__u16 port;
+	int verdict;
 
+	forget_destination(ctx);
 	if (!socket_wanted(ctx))
 		return 1;
 	port = bpf_ntohs((__u16)ctx->user_port);
@@ -365,8 +532,11 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 		dst.ip[1] = dst.ip[2] = dst.ip[3] = 0;
 		dst.port = bpf_htons(port);
 		dst.family = AF_INET;
+		verdict = cannot_redirect(ctx);
+		if (verdict >= 0)
+			return verdict;
 		if (!remember(ctx, &dst))
-			return 1;
+			return direct_or_refused();
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = bpf_htonl(0xffff);
@@ -397,14 +567,93 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 	}
 	dst.port = bpf_htons(port);
 	dst.family = AF_INET6;
+	verdict = cannot_redirect(ctx);
+	if (verdict >= 0)
+		return verdict;
 	if (!remember(ctx, &dst))
-		return 1;
+		return direct_or_refused();
 	ctx->user_ip6[0] = listen_ip6[0];
 	ctx->user_ip6[1] = listen_ip6[1];
 	ctx->user_ip6[2] = listen_ip6[2];
 	ctx->user_ip6[3] = listen_ip6[3];
 	ctx->user_port = (__u32)bpf_htons(listen_port6);
 	return 1;
+}
+
+/* ---- the guard: command mode with an upstream, after ktproxy is gone ----- */
+
+/* Everything above is attached with bpf_links, which die with ktproxy. In
+ * command mode with an upstream that would let COMMAND's leftovers (children
+ * ignoring SIGTERM, daemonised grandchildren) connect directly once ktproxy
+ * is killed with SIGKILL. These two programs are therefore the one deliberate
+ * exception to "bpf_link only": src/bpf.rs attaches them with the legacy
+ * BPF_PROG_ATTACH (BPF_F_ALLOW_MULTI) to COMMAND's own cgroup, and only
+ * there, never to a cgroup ktproxy did not create. A legacy attachment
+ * belongs to the cgroup, not to a file descriptor: it outlives ktproxy, and
+ * the kernel drops it when the cgroup goes (cgroup_bpf_release, once the
+ * cgroup is removed and its last socket closed). ktproxy detaches it itself
+ * on a normal exit.
+ *
+ * They run after connect4/connect6 in the same cgroup (attached later: the
+ * kernel runs a cgroup's programs in attach order) and see the address those
+ * wrote. A connect the rules want proxied whose destination is not the proxy
+ * was not redirected: ktproxy is gone (its links with it), or refused it
+ * already. Either way it must not go out directly. */
+static __always_inline int guard_passes4(struct bpf_sock_addr *ctx, __u32 ip, __u16 port)
+{
+	if (ip == listen_ip4 && port == listen_port4)
+		return 1;
+	ip = unspecified_to_loopback4(ip);
+	if (ip == listen_ip4 && port == listen_port4)
+		return 1;
+	return !port_wanted(port) || !dest4_wanted(ip);
+}
+
+static __always_inline int guard_verdict(int passes)
+{
+	if (passes)
+		return 1;
+	count(STAT_GUARD_REFUSED);
+	return 0;
+}
+
+SEC("cgroup/connect4")
+int ktproxy_guard4(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !listen_port4)
+		return 1;
+	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie)
+		return 1;
+	return guard_verdict(guard_passes4(ctx, ctx->user_ip4, bpf_ntohs((__u16)ctx->user_port)));
+}
+
+SEC("cgroup/connect6")
+int ktproxy_guard6(struct bpf_sock_addr *ctx)
+{
+	__u32 ip[4];
+	__u16 port;
+
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
+	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie)
+		return 1;
+	port = bpf_ntohs((__u16)ctx->user_port);
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+	if (is_v4_mapped(ip))
+		return guard_verdict(!listen_port4 || guard_passes4(ctx, ip[3], port));
+	if (!listen_port6)
+		return 1;
+	if (port == listen_port6 && ip[0] == listen_ip6[0] && ip[1] == listen_ip6[1] &&
+	    ip[2] == listen_ip6[2] && ip[3] == listen_ip6[3])
+		return 1;
+	if (!(ip[0] | ip[1] | ip[2] | ip[3]))
+		ip[3] = bpf_htonl(1);
+	if ((ip[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000))
+		return 1;
+	return guard_verdict(!port_wanted(port) || !dest6_wanted(ip));
 }
 
 /* ---- handing the destination from the client socket to the accepted one --- */
@@ -530,6 +779,10 @@ int ktproxy_getsockopt(struct bpf_sockopt *ctx)
 	dst = accepted_orig_dst(sk);
 	if (!dst || (family && dst->family != family))
 		return 1;
+	if (came_from_proxy(dst)) {
+		ctx->retval = -ELOOP;
+		return 1;
+	}
 
 	optval = ctx->optval;
 	optval_end = ctx->optval_end;

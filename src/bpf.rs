@@ -3,18 +3,24 @@
 //!
 //! Links, not legacy attachments: a link lives exactly as long as its file
 //! descriptor, so when ktproxy exits for any reason, kill -9 included, the
-//! kernel detaches everything and connections go direct again.
+//! kernel detaches everything and connections go direct again. The one
+//! deliberate exception is the guard of command mode with an upstream (see
+//! `Guard`), whose whole point is to outlive a killed ktproxy.
 
 use std::fmt;
 use std::fs::File;
+use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use libbpf_rs::libbpf_sys;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, PrintLevel};
+use libbpf_rs::{Link, MapCore, MapFlags, PrintLevel, ProgramMut};
 
 use crate::cli::Config;
 use crate::error::{Context, Error, Result};
@@ -32,6 +38,8 @@ use skel::{KtproxySkel, KtproxySkelBuilder};
 /// Everything the kernel side needs, fixed in .rodata before load(): there is
 /// no moment where a program runs with half a configuration.
 pub struct KernelConfig<'a> {
+    /// Command mode with an upstream: refuse what cannot be proxied.
+    fail_closed: bool,
     proxy_cgroup_id: u64,
     proxy_netns_cookie: u64,
     listen4: Option<SocketAddrV4>,
@@ -41,6 +49,11 @@ pub struct KernelConfig<'a> {
 }
 
 impl<'a> KernelConfig<'a> {
+    /// Command mode with an upstream: what cannot be proxied is refused.
+    pub fn fail_closed(&self) -> bool {
+        self.fail_closed
+    }
+
     /// The options, plus what only start-up knows: ktproxy's own cgroup (whose
     /// dials are never intercepted), its network namespace and the addresses
     /// the listeners really got (port 0 picks one).
@@ -51,6 +64,7 @@ impl<'a> KernelConfig<'a> {
         bound: &[SocketAddr],
     ) -> KernelConfig<'a> {
         KernelConfig {
+            fail_closed: !cfg.command.is_empty() && cfg.upstream.is_some(),
             proxy_cgroup_id: own_cgroup_id,
             proxy_netns_cookie: netns_cookie,
             listen4: bound.iter().find_map(|a| match a {
@@ -97,6 +111,14 @@ const STATS: [(stat, &str); stat::STAT_MAX.0 as usize] = stat_names![
     STAT_FLOWS_PUBLISHED => "flows_published",
     STAT_FLOWS_CLAIMED => "flows_claimed",
     STAT_ORIGINAL_DST_ANSWERED => "original_dst_answered",
+    STAT_BOUND_TO_DEVICE => "bound_to_device",
+    STAT_KERNEL_SOCKET => "kernel_socket",
+    STAT_MPTCP_SUBFLOW => "mptcp_subflow",
+    STAT_STALE => "stale",
+    STAT_REFUSED => "refused",
+    STAT_GUARD_REFUSED => "guard_refused",
+    STAT_SKIPPED_UPSTREAM => "skipped_upstream",
+    STAT_LOOP => "loop",
 ];
 
 // Entry i is enumerator i: with the size, every counter is named exactly once.
@@ -151,13 +173,22 @@ impl fmt::Display for Counters {
 /// redirect first.
 pub struct Redirect {
     skel: KtproxySkel<'static>,
+    /// ktproxy's own cgroup's links, then the intercepted cgroup's from
+    /// `client_from` on, each in attach order.
     links: Vec<(String, Link)>,
+    client_from: usize,
+    /// The intercepted cgroup, and its id when the client side was attached.
+    intercepted: PathBuf,
+    intercepted_id: u64,
+    guard: Option<Guard>,
+    heartbeat: Heartbeat,
 }
 
 impl Redirect {
     /// Loads the programs and attaches them: the proxy-side ones to ktproxy's
     /// own cgroup, the client-side ones to the intercepted cgroup, connect
-    /// last so that a redirected connection always finds everything in place.
+    /// last so that a redirected connection always finds everything in place;
+    /// in fail-closed mode the guard after them (see `Guard`).
     pub fn start(cfg: &KernelConfig, intercepted: &Path, own: &Path) -> Result<Redirect> {
         for (missing, family) in [
             (cfg.listen4.is_none(), "IPv4"),
@@ -168,32 +199,93 @@ impl Redirect {
             }
         }
         let skel = load(cfg)?;
+        let heartbeat = Heartbeat::map(&skel.maps.heartbeat)?;
+        // The listeners are bound: until the acceptors start, connections
+        // wait in their backlogs, so count as alive from the first connect.
+        heartbeat.beat();
         let mut r = Redirect {
             skel,
             links: Vec::new(),
+            client_from: 0,
+            intercepted: intercepted.to_path_buf(),
+            intercepted_id: 0,
+            guard: None,
+            heartbeat,
         };
+        r.exempt(std::process::id(), Exempt::Proxy)?;
         let own_fd = open_dir(own)?;
-        let target_fd = open_dir(intercepted)?;
-        let p = &r.skel.progs;
-        let (mine, theirs) = ((&own_fd, own), (&target_fd, intercepted));
-        let plan = [
-            (&p.ktproxy_getsockopt, mine),
-            (&p.ktproxy_sockops_client, theirs),
-            (&p.ktproxy_getpeername4, theirs),
-            (&p.ktproxy_getpeername6, theirs),
-            (&p.ktproxy_connect6, theirs),
-            (&p.ktproxy_connect4, theirs),
-        ];
-        let mut links = Vec::new();
-        for (prog, (fd, path)) in plan {
-            let name = prog.name().to_string_lossy().into_owned();
-            let link = prog
-                .attach_cgroup(fd.as_raw_fd())
-                .with_context(|| format!("attaching {name} to {}", path.display()))?;
-            links.push((name, link));
+        r.links = attach_all(&[&r.skel.progs.ktproxy_getsockopt], &own_fd, own)?;
+        r.client_from = r.links.len();
+        r.attach_client_side(intercepted)?;
+        if cfg.fail_closed {
+            r.guard = Some(Guard::attach(&r.skel, intercepted)?);
         }
-        r.links = links;
         Ok(r)
+    }
+
+    /// Attaches the client-side programs to `cgroup`, connect last.
+    fn attach_client_side(&mut self, cgroup: &Path) -> Result<()> {
+        let fd = open_dir(cgroup)?;
+        let id = fd
+            .metadata()
+            .with_context(|| format!("cgroup {}", cgroup.display()))?
+            .ino();
+        let p = &self.skel.progs;
+        let plan = [
+            &p.ktproxy_sockops_client,
+            &p.ktproxy_getpeername4,
+            &p.ktproxy_getpeername6,
+            &p.ktproxy_connect6,
+            &p.ktproxy_connect4,
+        ];
+        let links = attach_all(&plan, &fd, cgroup)?;
+        self.links.extend(links);
+        self.intercepted = cgroup.to_path_buf();
+        self.intercepted_id = id;
+        Ok(())
+    }
+
+    /// The intercepted cgroup and the id it had when attached: a cgroup
+    /// removed and created again under the same path has another id.
+    pub fn intercepted(&self) -> (&Path, u64) {
+        (&self.intercepted, self.intercepted_id)
+    }
+
+    /// Moves the client side to the cgroup now at `cgroup` (the old one was
+    /// removed: its links are dead, or it was renamed and still has them).
+    /// The old links go first, connect first, so that never two cgroups are
+    /// intercepted at once.
+    pub fn reattach(&mut self, cgroup: &Path) -> Result<()> {
+        self.detach_client_side();
+        self.attach_client_side(cgroup)
+    }
+
+    fn detach_client_side(&mut self) {
+        while self.links.len() > self.client_from {
+            if let Some((name, link)) = self.links.pop() {
+                drop(link);
+                log::debug!("detached {name}");
+            }
+        }
+    }
+
+    /// The acceptors' proof of life (see `Heartbeat`).
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat
+    }
+
+    /// Never redirect connects of the process `tgid` (a kernel pid).
+    pub fn exempt(&self, tgid: u32, why: Exempt) -> Result<()> {
+        self.skel
+            .maps
+            .exempt_tgids
+            .update(&tgid.to_ne_bytes(), &[why as u8], MapFlags::ANY)
+            .with_context(|| format!("exempting process {tgid} from interception"))
+    }
+
+    /// Interception applies to `tgid` again.
+    pub fn unexempt(&self, tgid: u32) {
+        let _ = self.skel.maps.exempt_tgids.delete(&tgid.to_ne_bytes());
     }
 
     /// Each counter summed over CPUs.
@@ -220,12 +312,252 @@ impl Redirect {
 impl Drop for Redirect {
     fn drop(&mut self) {
         // Reverse attach order: connect first, so no new connection is
-        // redirected while the rest is being taken down.
+        // redirected while the rest is being taken down; the guard right
+        // after the client side, so that no connect slips out between.
+        self.detach_client_side();
+        if let Some(guard) = self.guard.take() {
+            guard.detach(&self.skel);
+        }
         while let Some((name, link)) = self.links.pop() {
             drop(link);
             log::debug!("detached {name}");
         }
     }
+}
+
+fn attach_all(
+    progs: &[&ProgramMut<'static>],
+    fd: &File,
+    path: &Path,
+) -> Result<Vec<(String, Link)>> {
+    let mut links = Vec::new();
+    for prog in progs {
+        let name = prog.name().to_string_lossy().into_owned();
+        let link = prog
+            .attach_cgroup(fd.as_raw_fd())
+            .with_context(|| format!("attaching {name} to {}", path.display()))?;
+        links.push((name, link));
+    }
+    Ok(links)
+}
+
+/// Why a process is exempt from interception (the values of exempt_tgids).
+#[derive(Clone, Copy)]
+#[repr(u8)]
+pub enum Exempt {
+    /// ktproxy itself: it cannot proxy its own dials, in or out of its cgroup.
+    Proxy = 1,
+    /// A process that owns the local upstream proxy's listening socket.
+    Upstream = 2,
+}
+
+/// ktproxy's proof that it can accept, read by connect4/connect6: the
+/// CLOCK_MONOTONIC time of the last proof in the kernel's `heartbeat` array,
+/// mapped into our memory. The mapping is never unmapped, so acceptors can
+/// keep beating while the programs are being detached at exit; it keeps
+/// the map alive on its own.
+#[derive(Clone, Copy)]
+pub struct Heartbeat(&'static AtomicU64);
+
+impl Heartbeat {
+    fn map(map: &impl AsFd) -> Result<Heartbeat> {
+        // SAFETY: a fresh shared mapping of the BPF_F_MMAPABLE array's one
+        // page (value 0 at offset 0); the kernel checks the fd and the size.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::from(io::Error::last_os_error())).context("mapping the heartbeat");
+        }
+        // SAFETY: the mapping is page-aligned, at least 8 bytes, writable,
+        // and never unmapped: a valid, properly aligned u64 for 'static.
+        // The kernel only reads it.
+        Ok(Heartbeat(unsafe { AtomicU64::from_ptr(p.cast::<u64>()) }))
+    }
+
+    /// Now alive.
+    pub fn beat(&self) {
+        self.0.store(monotonic_ns(), Ordering::Relaxed);
+    }
+}
+
+/// CLOCK_MONOTONIC, the clock of bpf_ktime_get_ns(), in nanoseconds.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(ts.tv_nsec as u64)
+}
+
+/// ktproxy_guard4/6 on COMMAND's cgroup (fail-closed mode): the one
+/// deliberate exception to "bpf_link only". The issue this answers: after
+/// `kill -9`, COMMAND's leftovers (a child that ignores SIGTERM, a
+/// daemonised grandchild) must get errors, never direct connections, but
+/// every link dies with ktproxy. A legacy BPF_PROG_ATTACH belongs to the
+/// cgroup instead: it stays after ktproxy's death and refuses (EPERM) every
+/// connect the rules want proxied, and the kernel drops it with the cgroup
+/// (cgroup_bpf_release), so it cannot outlive COMMAND's processes' cgroup.
+/// It is attached only to that cgroup, which ktproxy created itself, with
+/// BPF_F_ALLOW_MULTI (next to connect4/6's links, after them), and detached
+/// on every normal exit.
+struct Guard {
+    cgroup: File,
+}
+
+impl Guard {
+    fn attach(skel: &KtproxySkel<'static>, cgroup: &Path) -> Result<Guard> {
+        let guard = Guard {
+            cgroup: open_dir(cgroup)?,
+        };
+        for (prog, ty) in guard.programs(skel) {
+            // SAFETY: plain syscall wrapper on two valid descriptors.
+            let r = unsafe {
+                libbpf_sys::bpf_prog_attach(
+                    prog.as_fd().as_raw_fd(),
+                    guard.cgroup.as_raw_fd(),
+                    ty,
+                    libbpf_sys::BPF_F_ALLOW_MULTI,
+                )
+            };
+            if r != 0 {
+                let e = io::Error::from_raw_os_error(-r);
+                guard.detach(skel);
+                return Err(Error::from(e)).with_context(|| {
+                    format!(
+                        "attaching {} to {}",
+                        prog.name().to_string_lossy(),
+                        cgroup.display()
+                    )
+                });
+            }
+        }
+        Ok(guard)
+    }
+
+    fn programs<'a>(
+        &self,
+        skel: &'a KtproxySkel<'static>,
+    ) -> [(&'a ProgramMut<'static>, libbpf_sys::bpf_attach_type); 2] {
+        [
+            (
+                &skel.progs.ktproxy_guard4,
+                libbpf_sys::BPF_CGROUP_INET4_CONNECT,
+            ),
+            (
+                &skel.progs.ktproxy_guard6,
+                libbpf_sys::BPF_CGROUP_INET6_CONNECT,
+            ),
+        ]
+    }
+
+    fn detach(&self, skel: &KtproxySkel<'static>) {
+        for (prog, ty) in self.programs(skel) {
+            // SAFETY: plain syscall wrapper on two valid descriptors; ENOENT
+            // (never attached) is fine.
+            unsafe {
+                libbpf_sys::bpf_prog_detach2(prog.as_fd().as_raw_fd(), self.cgroup.as_raw_fd(), ty)
+            };
+            log::debug!("detached {}", prog.name().to_string_lossy());
+        }
+    }
+}
+
+/// A program attached to a cgroup, as BPF_PROG_QUERY and
+/// BPF_OBJ_GET_INFO_BY_FD describe it.
+pub struct AttachedProgram {
+    pub name: String,
+    pub map_ids: Vec<u32>,
+}
+
+/// Which attach point of a cgroup to ask about.
+pub enum Hook {
+    Connect4,
+    Getsockopt,
+}
+
+/// The programs attached directly to the cgroup open as `dir` (not
+/// inherited ones) at `hook`.
+pub fn attached_programs(dir: &File, hook: Hook) -> io::Result<Vec<AttachedProgram>> {
+    let ty = match hook {
+        Hook::Connect4 => libbpf_sys::BPF_CGROUP_INET4_CONNECT,
+        Hook::Getsockopt => libbpf_sys::BPF_CGROUP_GETSOCKOPT,
+    };
+    // A cgroup has at most 64 programs per attach type.
+    let mut ids = [0u32; 64];
+    let mut count = ids.len() as u32;
+    let mut flags = 0u32;
+    // SAFETY: ids has room for `count` ids; the kernel writes at most that.
+    let r = unsafe {
+        libbpf_sys::bpf_prog_query(
+            dir.as_raw_fd(),
+            ty,
+            0,
+            &mut flags,
+            ids.as_mut_ptr(),
+            &mut count,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(-r));
+    }
+    let mut progs = Vec::new();
+    for &id in &ids[..(count as usize).min(ids.len())] {
+        // A program detached meanwhile is simply gone.
+        if let Ok(p) = program_info(id) {
+            progs.push(p);
+        }
+    }
+    Ok(progs)
+}
+
+fn program_info(id: u32) -> io::Result<AttachedProgram> {
+    // SAFETY: plain syscall wrapper; a valid descriptor is owned at once.
+    let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(-fd));
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut map_ids = [0u32; 32];
+    // SAFETY: bpf_prog_info is plain data; all-zero is valid.
+    let mut info: libbpf_sys::bpf_prog_info = unsafe { std::mem::zeroed() };
+    info.nr_map_ids = map_ids.len() as u32;
+    info.map_ids = map_ids.as_mut_ptr() as u64;
+    let mut len = size_of::<libbpf_sys::bpf_prog_info>() as u32;
+    // SAFETY: info is `len` bytes; map_ids has room for nr_map_ids ids.
+    let r = unsafe {
+        libbpf_sys::bpf_obj_get_info_by_fd(
+            fd.as_raw_fd(),
+            (&mut info as *mut libbpf_sys::bpf_prog_info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(-r));
+    }
+    let name: Vec<u8> = info
+        .name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    let n = (info.nr_map_ids as usize).min(map_ids.len());
+    Ok(AttachedProgram {
+        name: String::from_utf8_lossy(&name).into_owned(),
+        map_ids: map_ids[..n].to_vec(),
+    })
 }
 
 fn open_dir(path: &Path) -> Result<File> {
@@ -245,6 +577,7 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
         .rodata_data
         .as_deref_mut()
         .ok_or_else(|| Error::new("eBPF object has no .rodata to configure"))?;
+    ro.fail_closed = u8::from(cfg.fail_closed);
     ro.proxy_cgroup_id = cfg.proxy_cgroup_id;
     ro.proxy_netns_cookie = cfg.proxy_netns_cookie;
     if let Some(a) = cfg.listen4 {
@@ -265,6 +598,15 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
     ro.dest_filter = u8::from(cfg.rules.dest_given);
     ro.have_excl4 = u8::from(!excl4.is_empty());
     ro.have_excl6 = u8::from(!excl6.is_empty());
+
+    // The guard is loaded only where it is attached: every loaded ktproxy
+    // program is attached somewhere (tests rely on that to find leaks).
+    for guard in [
+        &mut open.progs.ktproxy_guard4,
+        &mut open.progs.ktproxy_guard6,
+    ] {
+        guard.set_autoload(cfg.fail_closed);
+    }
 
     // LPM tries are sized to their rules (an empty map is not allowed).
     let m = &mut open.maps;
@@ -391,9 +733,15 @@ fn load_error(err: &str, log: &str) -> Error {
     let (kernel, release) = preflight::kernel_version();
     let (maj, min) = preflight::MIN_KERNEL;
     let too_old = kernel.is_some_and(|k| k < preflight::MIN_KERNEL);
+    let no_btf = !Path::new("/sys/kernel/btf/vmlinux").exists();
     let kernel_note = format!(
-        "kernel {release}{}; ktproxy needs Linux >= {maj}.{min}",
-        if too_old { ", too old" } else { "" }
+        "kernel {release}{}; ktproxy needs Linux >= {maj}.{min}{}",
+        if too_old { ", too old" } else { "" },
+        if no_btf {
+            " with BTF (CONFIG_DEBUG_INFO_BTF; /sys/kernel/btf/vmlinux is missing)"
+        } else {
+            ""
+        }
     );
     let what = match failed_program(log) {
         Some(prog) => format!("loading eBPF program {prog}"),
@@ -556,7 +904,8 @@ libbpf: failed to load object 'ktproxy_bpf'
             Counters(values).to_string(),
             "redirected=0 skipped_proxy_own=10 skipped_other_netns=20 skipped_by_rule=30 \
              skipped_to_proxy=40 no_socket_storage=50 flows_published=60 flows_claimed=70 \
-             original_dst_answered=80"
+             original_dst_answered=80 bound_to_device=90 kernel_socket=100 mptcp_subflow=110 \
+             stale=120 refused=130 guard_refused=140 skipped_upstream=150 loop=160"
         );
     }
 

@@ -124,6 +124,16 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
 
     let origin = match sys::origin(&client) {
         Ok(o) => o,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            // The kernel recognised one of ktproxy's own dials (see
+            // came_from_proxy in bpf/ktproxy.bpf.c).
+            warn!(
+                "#{id} {peer} is ktproxy's own connection come back to it (a proxy loop: was \
+                 ktproxy moved out of its cgroup?); resetting it"
+            );
+            reset(&client);
+            return;
+        }
         Err(e) => {
             warn!(
                 "#{id} {peer} has no original destination ({}): it dialed the proxy port \

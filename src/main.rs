@@ -13,7 +13,9 @@ mod cgroup;
 mod cli;
 mod command;
 mod conn;
+mod instances;
 mod logging;
+mod loops;
 mod notify;
 mod pipes;
 mod preflight;
@@ -25,6 +27,7 @@ mod server;
 mod stop;
 mod sys;
 mod upstream;
+mod watchdog;
 
 // Shared with the test helpers, so it lives in the library; imported here
 // so that `crate::error::...` names it in every module.
@@ -93,6 +96,8 @@ fn run(cfg: Config) -> Result<i32> {
     let caller_limits = command::CallerLimits::capture();
     let capacity = raise_limits();
     let signals = block_signals(!cfg.command.is_empty())?;
+    let home = cgroup::of_process(&root, "self")?;
+    refuse_overlapping_instance(&cfg, &root, given.as_deref(), &home)?;
 
     // Declared in acquisition order; dropped in reverse on any return.
     let own = cgroup::OwnCgroup::enter(&root)?;
@@ -111,18 +116,29 @@ fn run(cfg: Config) -> Result<i32> {
     let netns_cookie = netns_cookie(&listeners)?;
     let kernel = bpf::KernelConfig::new(&cfg, own.id(), netns_cookie, &bound);
     let redirect = bpf::Redirect::start(&kernel, &intercepted, own.path())?;
-    if command_cgroup.is_none() {
-        warn_if_upstream_is_intercepted(&cfg, &intercepted);
-    }
+    let upstream = upstream_owners(&cfg, &root, &intercepted, kernel.fail_closed(), &redirect);
     let shared = Arc::new(conn::Shared::new(
         bound.clone(),
         cfg.connect_timeout,
         cfg.upstream.clone(),
         cfg.mark,
     ));
+    let mut acceptors = Vec::new();
     for l in listeners {
-        server::start(l, Arc::clone(&shared))?;
+        acceptors.push(server::start(l, Arc::clone(&shared), redirect.heartbeat())?);
     }
+    let watchdog = watchdog::Watchdog::start(watchdog::Duties {
+        redirect,
+        acceptors,
+        follow_cgroup: (cfg.cgroup.is_some() && command_cgroup.is_none()).then(|| {
+            watchdog::Scope {
+                root: root.clone(),
+                home: home.clone(),
+            }
+        }),
+        upstream,
+    })?;
+    log_failure_policy(kernel.fail_closed());
     log_ready(&cfg, &bound, &root, &intercepted, own.path(), capacity);
     notify::ready();
 
@@ -139,6 +155,7 @@ fn run(cfg: Config) -> Result<i32> {
         None => wait_for_signal(&signals)?,
     };
     notify::stopping();
+    let redirect = watchdog.stop()?;
     let counters = redirect.counters();
     drop(redirect);
     drop(command_cgroup);
@@ -212,16 +229,49 @@ fn netns_cookie(listeners: &[TcpListener]) -> Result<u64> {
         .context("reading the network namespace cookie (SO_NETNS_COOKIE needs Linux >= 5.14)")
 }
 
-fn warn_if_upstream_is_intercepted(cfg: &Config, intercepted: &Path) {
-    if let Some(up) = &cfg.upstream {
-        if is_local(&up.addr()) {
-            warn!(
-                "the upstream proxy {} is on this machine: unless it runs outside {}, its own \
-                 connections are intercepted too and loop back into ktproxy (use -c or -- COMMAND)",
-                up.display(),
-                intercepted.display()
-            );
-        }
+/// Another ktproxy whose scope overlaps this one's: refused before anything
+/// is created or attached.
+fn refuse_overlapping_instance(
+    cfg: &Config,
+    root: &Path,
+    given: Option<&Path>,
+    home: &Path,
+) -> Result<()> {
+    let scope = if cfg.command.is_empty() {
+        Some(given.unwrap_or(root))
+    } else {
+        None
+    };
+    instances::refuse_overlap(root, scope, home)
+}
+
+/// A local upstream proxy: its processes are exempt from interception from
+/// the start (see loops.rs); the watchdog follows it if it restarts.
+fn upstream_owners(
+    cfg: &Config,
+    root: &Path,
+    intercepted: &Path,
+    fail_closed: bool,
+    redirect: &bpf::Redirect,
+) -> Option<loops::UpstreamOwners> {
+    let up = cfg.upstream.as_ref()?;
+    let mut owners =
+        loops::UpstreamOwners::new(up, is_local(&up.addr()), root, intercepted, fail_closed)?;
+    owners.refresh(redirect);
+    Some(owners)
+}
+
+fn log_failure_policy(fail_closed: bool) {
+    if fail_closed {
+        info!(
+            "fail closed: while ktproxy cannot accept (stopped, or gone), COMMAND's connects are \
+             refused (EPERM), never sent direct"
+        );
+    } else {
+        info!(
+            "fail open: while ktproxy cannot accept (stopped, hung, out of descriptors), \
+             new connects go direct within 1 s"
+        );
     }
 }
 

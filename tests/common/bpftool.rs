@@ -1,6 +1,7 @@
 //! What the kernel has attached and loaded, as bpftool shows it (its `-j`
 //! JSON output, read with serde_json).
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -149,4 +150,99 @@ pub fn tree_mentions(tree: &str, pid: u32) -> Vec<String> {
         .filter(|w| w.ends_with(&own) || w.ends_with(&cmd))
         .map(String::from)
         .collect()
+}
+
+/// `bpftool -j cgroup tree`, parsed: (cgroup path, program id, name) for
+/// every program attached anywhere in the hierarchy, links and legacy
+/// attachments alike. Retried like `bpftool_cgroup_tree`.
+pub fn cgroup_tree_programs() -> Vec<(String, u64, String)> {
+    let bpftool = need("bpftool");
+    let mut last = None;
+    for _ in 0..50 {
+        let o = run_within(
+            Command::new(&bpftool).args(["-j", "cgroup", "tree"]),
+            Duration::from_secs(20),
+        );
+        if o.status.success() {
+            let tree = parse(&stdout(&o), &["cgroup", "tree"]);
+            return array(&tree)
+                .iter()
+                .flat_map(|cg| {
+                    let path = cg["cgroup"].as_str().unwrap_or("").to_string();
+                    array(&cg["programs"])
+                        .iter()
+                        .map(move |p| {
+                            (
+                                path.clone(),
+                                p["id"].as_u64().unwrap_or(0),
+                                p["name"].as_str().unwrap_or("").to_string(),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+        }
+        last = Some(o);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("bpftool -j cgroup tree: {}", describe(&last.unwrap()));
+}
+
+/// Loaded `ktproxy_*` programs that nothing attaches: no link refers to
+/// them and no cgroup lists them. Every program ktproxy loads is attached
+/// while it runs (by a link, or as COMMAND's guard), so such a program was
+/// left behind: a legacy attachment to a cgroup that is gone but not yet
+/// released, or a leak. Only those still orphaned a second later count
+/// (a ktproxy between loading and attaching is one for a moment).
+fn orphan_programs() -> Vec<(u64, String)> {
+    let orphans = || -> Vec<(u64, String)> {
+        let linked: HashSet<u64> = array(&bpftool_json(&["link", "show"]))
+            .iter()
+            .filter_map(|l| l["prog_id"].as_u64())
+            .collect();
+        let attached: HashSet<u64> = cgroup_tree_programs().into_iter().map(|p| p.1).collect();
+        array(&bpftool_json(&["prog", "show"]))
+            .iter()
+            .filter_map(|p| Some((p["id"].as_u64()?, p["name"].as_str()?.to_string())))
+            .filter(|(id, name)| {
+                name.starts_with("ktproxy_") && !linked.contains(id) && !attached.contains(id)
+            })
+            .collect()
+    };
+    let first = orphans();
+    if first.is_empty() {
+        return first;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let second = orphans();
+    first.into_iter().filter(|p| second.contains(p)).collect()
+}
+
+/// What the kernel still holds for the ktproxy with this pid, which has
+/// exited: programs attached to its cgroups (`ktproxy-<pid>`,
+/// `ktproxy-<pid>-cmd`) if they still exist, and `ktproxy_*` programs
+/// attached nowhere (see `orphan_programs`). Empty when nothing is left.
+pub fn bpf_leftovers(pid: u32) -> Vec<String> {
+    let own = format!("/ktproxy-{pid}");
+    let cmd = format!("/ktproxy-{pid}-cmd");
+    let mut left: Vec<String> = cgroup_tree_programs()
+        .into_iter()
+        .filter(|(path, _, _)| path.ends_with(&own) || path.ends_with(&cmd))
+        .map(|(path, id, name)| format!("{name} (program {id}) attached to {path}"))
+        .collect();
+    left.extend(
+        orphan_programs()
+            .into_iter()
+            .map(|(id, name)| format!("{name} (program {id}) loaded, attached nowhere")),
+    );
+    left
+}
+
+/// Whether the program with this id is still loaded.
+pub fn program_loaded(id: u64) -> bool {
+    let o = run_within(
+        Command::new(need("bpftool")).args(["-j", "prog", "show", "id", &id.to_string()]),
+        Duration::from_secs(20),
+    );
+    o.status.success()
 }

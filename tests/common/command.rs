@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
-use super::bpftool::{bpftool_cgroup_tree, tree_mentions};
+use super::bpftool::bpf_leftovers;
 use super::cgroup::{
     cgroup_procs, command_cgroup_of, kill_all_in, own_cgroup_of, remove_cgroup_dir,
 };
@@ -139,11 +139,15 @@ pub fn exit_code(o: &Output) -> i32 {
         .unwrap_or_else(|| panic!("ktproxy died of a signal: {}", describe(o)))
 }
 
-/// After ktproxy `pid` exited: neither of its cgroups exists, bpftool shows
-/// no programs attached to them, and its log (`log`) has no complaint about
-/// removing them. (Another ktproxy starting meanwhile removes the empty
-/// cgroups of dead ones, which would hide a leak but not its warning.)
+/// After ktproxy `pid` exited: the kernel holds nothing of it (see
+/// `bpf_leftovers`: no program on its cgroups, no program of any ktproxy
+/// left attached nowhere), neither of its cgroups exists, and its log
+/// (`log`) has no complaint about removing them. (Another ktproxy starting
+/// meanwhile removes the empty cgroups of dead ones, which would hide a leak
+/// but not its warning.)
 pub fn assert_nothing_left(pid: u32, log: &str, what: &str) {
+    let left = bpf_leftovers(pid);
+    assert!(left.is_empty(), "{what}: the kernel still holds {left:?}");
     for dir in [own_cgroup_of(pid), command_cgroup_of(pid)] {
         assert!(
             !dir.exists(),
@@ -155,11 +159,5 @@ pub fn assert_nothing_left(pid: u32, log: &str, what: &str) {
     assert!(
         !log.contains("removing cgroup"),
         "{what}: ktproxy could not remove a cgroup:\n{log}"
-    );
-    let tree = bpftool_cgroup_tree();
-    let left = tree_mentions(&tree, pid);
-    assert!(
-        left.is_empty(),
-        "{what}: bpftool cgroup tree still shows {left:?}:\n{tree}"
     );
 }

@@ -11,7 +11,8 @@
 //! - `netns`: network namespaces;
 //! - `bpftool`: what the kernel has attached, as bpftool shows it;
 //! - `unprivileged`: ktproxy run as nobody, from a copy nobody can reach;
-//! - `security`: nftables tables, clients as nobody, a terminal (script).
+//! - `security`: nftables tables, clients as nobody, a terminal (script);
+//! - `faults`: stopped processes, capped threads, a probe that keeps connecting.
 //!
 //! ktproxy's log lines are parsed by `ktproxy::logline`, re-exported here.
 //!
@@ -30,6 +31,7 @@ mod bpftool;
 mod cgroup;
 mod clients;
 mod command;
+mod faults;
 mod netns;
 mod process;
 mod proxy;
@@ -42,8 +44,8 @@ mod upstream;
 // Each test file uses a part: what one does not use is not an error.
 #[allow(unused_imports)]
 pub use self::{
-    bpftool::*, cgroup::*, clients::*, command::*, netns::*, process::*, proxy::*, route::*,
-    security::*, servers::*, unprivileged::*, upstream::*,
+    bpftool::*, cgroup::*, clients::*, command::*, faults::*, netns::*, process::*, proxy::*,
+    route::*, security::*, servers::*, unprivileged::*, upstream::*,
 };
 #[allow(unused_imports)]
 pub use ktproxy::logline::{

@@ -1,0 +1,338 @@
+//! Fail safe in the kernel (issue 10): connects are redirected only while
+//! ktproxy proves it can accept; in command mode with an upstream what
+//! cannot be proxied is refused, even after `kill -9`; failing to start
+//! threads never stops accepting; a `-c` cgroup created again is followed.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+/// Fail open: a stopped ktproxy (SIGSTOP, Ctrl-Z) stops renewing its
+/// heartbeat, and within about a second the cgroup's new connects go
+/// direct instead of waiting in the backlog of a listener nobody accepts
+/// from; after SIGCONT they are intercepted again at once.
+#[test]
+fn sigstop_sends_new_connects_direct_within_a_second_and_sigcont_resumes_interception() {
+    require_root();
+    let cg = TestCgroup::new("sigstop");
+    let server = HelloServer::start();
+    let proxy = Proxy::start(&cg, &[]);
+    let before = probe(&cg, server.addr(), 0.0, 0.0, 5.0);
+    assert!(before[0].proxied_to(&server), "not intercepted: {before:?}");
+
+    let stopped_at = monotonic_secs();
+    let stopped = Stopped::new(proxy.pid());
+    // Attempts that still reach the stopped ktproxy wait for a reply that
+    // cannot come: 0.2 s each, then the next one.
+    let during = probe(&cg, server.addr(), 2.5, 0.05, 0.2);
+    let first_direct = during
+        .iter()
+        .position(|a| a.direct_to(&server))
+        .unwrap_or_else(|| panic!("no connect went direct while ktproxy was stopped: {during:?}"));
+    let after_stop = during[first_direct].t - stopped_at;
+    assert!(
+        after_stop < 1.6,
+        "connects went direct only {after_stop:.2} s after SIGSTOP: {during:?}"
+    );
+    assert!(
+        during[first_direct..].iter().all(|a| a.direct_to(&server)),
+        "once direct, every connect must stay direct while ktproxy is stopped: {during:?}"
+    );
+
+    let resumed_at = monotonic_secs();
+    drop(stopped);
+    let after = probe(&cg, server.addr(), 1.5, 0.05, 2.0);
+    let first_proxied = after
+        .iter()
+        .position(|a| a.proxied_to(&server))
+        .unwrap_or_else(|| panic!("nothing intercepted after SIGCONT: {after:?}"));
+    assert!(
+        after[first_proxied].t - resumed_at < 1.0,
+        "interception resumed only {:.2} s after SIGCONT: {after:?}",
+        after[first_proxied].t - resumed_at
+    );
+    assert!(
+        after[first_proxied..].iter().all(|a| a.proxied_to(&server)),
+        "after SIGCONT every connect must be intercepted again: {after:?}"
+    );
+}
+
+/// Fail closed, and kill -9: COMMAND (a shell) leaves a grandchild that
+/// ignores SIGTERM and keeps connecting. Once ktproxy is killed, every one
+/// of its connects fails (the guard's EPERM), none goes direct. The guard
+/// is attached to COMMAND's cgroup only, not with a link, and goes away
+/// with that cgroup: bpftool shows it while the cgroup exists, and the
+/// programs are unloaded once it is removed.
+#[test]
+fn kill_9_in_command_mode_leaves_a_guard_that_refuses_leftovers_until_their_cgroup_goes() {
+    require_root();
+    need("bpftool");
+    let socks = Peer::microsocks(None);
+    let server = HelloServer::start();
+    let dir = TempDir::new("guard");
+    let script = dir.path().join("probe.py");
+    let out = dir.path().join("probe.out");
+    fs::write(&script, PROBE).unwrap();
+    let sh = format!(
+        "{} {} {} {} 8 0.05 0.5 >{} 2>&1 & wait",
+        python(),
+        script.display(),
+        server.addr().ip(),
+        server.addr().port(),
+        out.display()
+    );
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(
+        &["-u", &socks.socks5_url()],
+        &["sh", "-c", &sh],
+    ));
+    let pid = run.pid();
+    let cmd_cgroup = command_cgroup_of(pid);
+    let attempts = || parse_attempts(&read_lossy(&out));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            attempts().iter().filter(|a| a.proxied_to(&server)).count() >= 3
+        }),
+        "the grandchild's connects were not proxied: {:?}\n{}",
+        attempts(),
+        run.stderr_now()
+    );
+
+    let killed_at = monotonic_secs();
+    signal(pid as i32, libc::SIGKILL);
+    assert!(
+        run.wait(Duration::from_secs(5)).is_some(),
+        "ktproxy survived SIGKILL"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            attempts().last().is_some_and(|a| a.t > killed_at + 2.5)
+        }),
+        "the grandchild stopped connecting: {:?}",
+        attempts()
+    );
+    let after: Vec<Attempt> = attempts().into_iter().filter(|a| a.t > killed_at).collect();
+    let answered: Vec<&Attempt> = after.iter().filter(|a| a.answered_by(&server)).collect();
+    assert!(
+        answered.is_empty(),
+        "after kill -9 the leftover got through (direct): {answered:?}"
+    );
+    assert!(
+        after.iter().any(|a| a.failed_with(libc::EPERM)),
+        "no connect was refused with EPERM after kill -9: {after:?}"
+    );
+
+    // The guard, on COMMAND's cgroup, which still holds the grandchild.
+    let guard: Vec<Attached> = attached(&cmd_cgroup)
+        .into_iter()
+        .filter(|a| a.name.starts_with("ktproxy_guard"))
+        .collect();
+    assert_eq!(
+        guard.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        ["ktproxy_guard4", "ktproxy_guard6"],
+        "{guard:?}"
+    );
+    // The leak check of the other tests sees it: it can fail.
+    let left = bpf_leftovers(pid);
+    assert!(
+        left.iter().any(|l| l.contains("ktproxy_guard4")),
+        "bpf_leftovers missed the guard still attached: {left:?}"
+    );
+
+    // Remove the cgroup: the guard goes with it.
+    kill_all_in(&cmd_cgroup);
+    remove_cgroup_dir(&cmd_cgroup, Duration::from_secs(5)).expect("removing COMMAND's cgroup");
+    let _ = remove_cgroup_dir(&own_cgroup_of(pid), Duration::from_secs(5));
+    assert!(
+        wait_until(Duration::from_secs(10), || guard
+            .iter()
+            .all(|g| !program_loaded(g.id))),
+        "the guard outlived its cgroup: {guard:?} still loaded"
+    );
+    assert_eq!(bpf_leftovers(pid), Vec::<String>::new());
+}
+
+/// Fail closed while ktproxy lives: stopped, it refuses COMMAND's connects
+/// with EPERM within about a second instead of letting them hang or leak.
+#[test]
+fn sigstop_in_command_mode_with_an_upstream_refuses_connects_with_eperm() {
+    require_root();
+    let socks = Peer::microsocks(None);
+    let server = HelloServer::start();
+    let dir = TempDir::new("stopped_cmd");
+    let script = dir.path().join("probe.py");
+    let out = dir.path().join("probe.out");
+    fs::write(&script, PROBE).unwrap();
+    let sh = format!(
+        "exec {} {} {} {} 6 0.05 0.3 >{}",
+        python(),
+        script.display(),
+        server.addr().ip(),
+        server.addr().port(),
+        out.display()
+    );
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(
+        &["-u", &socks.socks5_url()],
+        &["sh", "-c", &sh],
+    ));
+    let attempts = || parse_attempts(&read_lossy(&out));
+    assert!(
+        wait_until(Duration::from_secs(10), || attempts()
+            .iter()
+            .any(|a| a.proxied_to(&server))),
+        "not proxied: {:?}\n{}",
+        attempts(),
+        run.stderr_now()
+    );
+    let stopped_at = monotonic_secs();
+    let stopped = Stopped::new(run.pid() as i32);
+    assert!(
+        wait_until(Duration::from_secs(10), || attempts()
+            .last()
+            .is_some_and(|a| a.t > stopped_at + 2.0)),
+        "the probe stopped: {:?}",
+        attempts()
+    );
+    let during: Vec<Attempt> = attempts()
+        .into_iter()
+        .filter(|a| a.t > stopped_at)
+        .collect();
+    drop(stopped);
+    assert!(
+        !during.iter().any(|a| a.direct_to(&server)),
+        "a connect went direct while ktproxy was stopped: {during:?}"
+    );
+    let first_eperm = during
+        .iter()
+        .find(|a| a.failed_with(libc::EPERM))
+        .unwrap_or_else(|| panic!("no connect refused with EPERM: {during:?}"));
+    assert!(first_eperm.t - stopped_at < 1.6, "{during:?}");
+    let out = run.finish(RUN_TIMEOUT);
+    assert_eq!(exit_code(&out), 0, "{}", describe(&out));
+}
+
+/// Holds connections open from the cgroup, one more per line on stdin;
+/// prints `served` (the echo came back), `refused ERR` (reset, refused or
+/// closed) or `hung` (nothing within 3 s) for each.
+const HOLDER: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+held = []
+for line in sys.stdin:
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        s.sendall(b"ping")
+        data = s.recv(16)
+        print("served" if data == b"ping" else "refused eof", flush=True)
+        held.append(s)
+    except socket.timeout:
+        print("hung", flush=True)
+    except OSError as e:
+        print("refused", e.errno, flush=True)
+"#;
+
+/// pids.max on ktproxy's cgroup while connections are held: starting a
+/// thread fails, yet new connections are served or refused at once, never
+/// left hanging; once the cap is raised they are served again.
+#[test]
+fn with_thread_creation_failing_new_connections_are_refused_promptly_and_served_once_it_works() {
+    require_root();
+    let cg = TestCgroup::new("pids_max");
+    let echo = EchoServer::start();
+    let proxy = Proxy::start(&cg, &[]);
+    let mut holder = KillOnDrop::spawn(
+        cg.command(python())
+            .args([
+                "-c",
+                HOLDER,
+                &echo.addr().ip().to_string(),
+                &echo.addr().port().to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
+    let mut to_holder = holder.0.stdin.take().unwrap();
+    let mut from_holder = BufReader::new(holder.0.stdout.take().unwrap());
+    let mut open = || -> String {
+        writeln!(to_holder, "open").unwrap();
+        let mut line = String::new();
+        from_holder.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    };
+    for _ in 0..5 {
+        assert_eq!(open(), "served", "{}", tail(&proxy.log(), 20));
+    }
+
+    let cap = PidsCap::new(proxy.pid());
+    cap.set_max(&cap.current().to_string());
+    let threads = thread_count(proxy.pid());
+    let capped: Vec<String> = (0..4).map(|_| open()).collect();
+    assert!(
+        !capped.iter().any(|r| r == "hung"),
+        "a connection hung while threads could not be started: {capped:?}\n{}",
+        tail(&proxy.log(), 20)
+    );
+    assert!(
+        capped.iter().any(|r| r.starts_with("refused")) && cap.refusals() > 0,
+        "the cap never bit ({threads} threads, {} refusals): {capped:?}",
+        cap.refusals()
+    );
+    assert!(
+        proxy.log().contains("cannot start a connection thread"),
+        "{}",
+        tail(&proxy.log(), 20)
+    );
+
+    cap.set_max("max");
+    let mut after = Vec::new();
+    let served = wait_until(Duration::from_secs(10), || {
+        after.push(open());
+        after.last().is_some_and(|r| r == "served")
+    });
+    assert!(
+        served,
+        "nothing served after the cap was raised: {after:?}\n{}",
+        tail(&proxy.log(), 20)
+    );
+    assert!(
+        !after.iter().any(|r| r == "hung"),
+        "a connection hung after the cap was raised: {after:?}"
+    );
+}
+
+/// `rmdir` then `mkdir` of the `-c` cgroup (what `systemctl restart` does):
+/// the kernel drops the links with the old cgroup; ktproxy warns, attaches
+/// to the new one within about a second, and intercepts its processes.
+#[test]
+fn a_cgroup_removed_and_created_again_is_intercepted_again_with_a_warning() {
+    require_root();
+    let cg = TestCgroup::new("recreated");
+    let server = HelloServer::start();
+    let mut proxy = Proxy::start(&cg, &[]);
+    check_route(&cg, &proxy, &server, "127.0.0.1", true);
+
+    fs::remove_dir(cg.path()).expect("rmdir of the -c cgroup");
+    proxy.wait_log("was removed", LOG_TIMEOUT);
+    fs::create_dir(cg.path()).expect("mkdir of the -c cgroup");
+    let created_at = monotonic_secs();
+    proxy.wait_log("re-attached to the new cgroup", LOG_TIMEOUT);
+    assert!(
+        monotonic_secs() - created_at < 1.5,
+        "re-attached only after {:.2} s",
+        monotonic_secs() - created_at
+    );
+    check_route(&cg, &proxy, &server, "127.0.0.1", true);
+    let names = attached_programs(cg.path());
+    assert!(names.iter().any(|n| n == "ktproxy_connect4"), "{names:?}");
+
+    let status = proxy.stop_term();
+    assert!(status.success(), "{status:?}");
+    assert!(attached_programs(cg.path()).is_empty());
+}
