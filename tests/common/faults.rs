@@ -15,18 +15,6 @@ use super::clients::python;
 use super::process::{describe, run_within, signal, stdout, unique, wait_until};
 use super::servers::TestServer;
 
-/// CLOCK_MONOTONIC in seconds: the clock of Python's time.monotonic() and
-/// of the kernel's bpf_ktime_get_ns(), comparable across processes.
-pub fn monotonic_secs() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC cannot fail.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
-
 /// Connects to HOST PORT again and again for SECONDS (at least once),
 /// pausing PAUSE seconds between attempts, each bounded by TIMEOUT seconds
 /// (connect, then read to EOF), and prints one JSON object per attempt:
@@ -80,12 +68,18 @@ impl Attempt {
 
     /// Answered, and `server` saw the client itself: it went direct.
     pub fn direct_to(&self, server: &TestServer) -> bool {
-        self.answered_by(server) && self.local.is_some_and(|l| server.peers().contains(&l))
+        self.answered_by(server)
+            && self
+                .local
+                .is_some_and(|l| server.peers_since(self.t).contains(&l))
     }
 
     /// Answered, and `server` saw someone else (ktproxy): it was proxied.
     pub fn proxied_to(&self, server: &TestServer) -> bool {
-        self.answered_by(server) && self.local.is_some_and(|l| !server.peers().contains(&l))
+        self.answered_by(server)
+            && self
+                .local
+                .is_some_and(|l| !server.peers_since(self.t).contains(&l))
     }
 
     /// The connect failed with this errno.

@@ -257,3 +257,15 @@ pub fn describe(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr).trim_end()
     )
 }
+
+/// CLOCK_MONOTONIC in seconds: the clock of Python's time.monotonic() and
+/// of the kernel's bpf_ktime_get_ns(), comparable across processes.
+pub fn monotonic_secs() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC cannot fail.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ktproxy::logline::parse_testserver_listening;
 
-use super::process::{read_lossy, wait_until, KillOnDrop, TempDir};
+use super::process::{monotonic_secs, read_lossy, wait_until, KillOnDrop, TempDir};
 use super::TESTSERVER;
 
 /// A loopback TCP port nobody listens on (it was free a moment ago).
@@ -29,6 +29,10 @@ type Handler = fn(TcpStream);
 pub struct TestServer {
     addr: SocketAddr,
     peers: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Each accepted peer with its CLOCK_MONOTONIC accept time: a client's
+    /// ephemeral port is reused soon after, so "this port reached the server"
+    /// only means something for connections made after a given moment.
+    accepted: Arc<Mutex<Vec<(SocketAddr, f64)>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -40,8 +44,9 @@ impl TestServer {
             TcpListener::bind(bind).unwrap_or_else(|e| panic!("test server bind {bind}: {e}"));
         let addr = listener.local_addr().unwrap();
         let peers = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (Arc::clone(&peers), Arc::clone(&stop));
+        let (p, a, s) = (Arc::clone(&peers), Arc::clone(&accepted), Arc::clone(&stop));
         thread::spawn(move || {
             for conn in listener.incoming() {
                 if s.load(Ordering::SeqCst) {
@@ -50,6 +55,7 @@ impl TestServer {
                 let Ok(conn) = conn else { continue };
                 if let Ok(peer) = conn.peer_addr() {
                     p.lock().unwrap().push(peer);
+                    a.lock().unwrap().push((peer, monotonic_secs()));
                 }
                 if per_connection_thread {
                     thread::spawn(move || handler(conn));
@@ -58,7 +64,12 @@ impl TestServer {
                 }
             }
         });
-        TestServer { addr, peers, stop }
+        TestServer {
+            addr,
+            peers,
+            accepted,
+            stop,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -68,6 +79,18 @@ impl TestServer {
     /// Peers of the connections accepted so far, in order.
     pub fn peers(&self) -> Vec<SocketAddr> {
         self.peers.lock().unwrap().clone()
+    }
+
+    /// Peers of the connections accepted at or after `since` (seconds of
+    /// CLOCK_MONOTONIC, as `monotonic_secs` and Python's time.monotonic()).
+    pub fn peers_since(&self, since: f64) -> Vec<SocketAddr> {
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, t)| *t >= since)
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// Waits up to `timeout` until at least `n` connections were accepted.
