@@ -8,7 +8,7 @@
 use std::fmt;
 use std::fs::File;
 use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Mutex;
@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, PrintLevel};
 
-use crate::cli::Config;
+use crate::cli::{Config, Unproxied};
 use crate::error::{Context, Error, Result};
 use crate::preflight;
 use crate::rules::{Cidr, PortSet, Rules};
@@ -38,6 +38,30 @@ pub struct KernelConfig<'a> {
     listen6: Option<SocketAddrV6>,
     ports: Option<&'a PortSet>,
     rules: &'a Rules,
+    names: NamesKernel,
+}
+
+/// Names through the proxy, as the kernel sees them: where DNS goes, the
+/// fake range, and what becomes of what ktproxy cannot carry.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NamesKernel {
+    /// DNS interception is on.
+    pub dns: bool,
+    /// UDP ports of the DNS sockets on the IPv4 and IPv6 listen addresses
+    /// (None: that family's queries cannot be answered).
+    pub dns4: Option<u16>,
+    pub dns6: Option<u16>,
+    /// The fake range (network, prefix length): always redirected.
+    pub fake: Option<(Ipv4Addr, u8)>,
+    pub unproxied: Unproxied,
+}
+
+impl NamesKernel {
+    /// The UDP programs (sendmsg, recvmsg) are attached only when they
+    /// have something to do: an unconnected UDP send pays for them.
+    fn needs_udp_programs(&self) -> bool {
+        self.dns || self.unproxied != Unproxied::Pass
+    }
 }
 
 impl<'a> KernelConfig<'a> {
@@ -63,7 +87,17 @@ impl<'a> KernelConfig<'a> {
             }),
             ports: cfg.ports.as_ref(),
             rules: &cfg.rules,
+            names: NamesKernel {
+                unproxied: cfg.names.unproxied,
+                ..NamesKernel::default()
+            },
         }
+    }
+
+    /// With the DNS sockets bound and the fake range known.
+    pub fn with_names(mut self, names: NamesKernel) -> KernelConfig<'a> {
+        self.names = names;
+        self
     }
 }
 
@@ -97,6 +131,15 @@ const STATS: [(stat, &str); stat::STAT_MAX.0 as usize] = stat_names![
     STAT_FLOWS_PUBLISHED => "flows_published",
     STAT_FLOWS_CLAIMED => "flows_claimed",
     STAT_ORIGINAL_DST_ANSWERED => "original_dst_answered",
+    STAT_DNS_CONNECT => "dns_connect",
+    STAT_DNS_SENDMSG => "dns_sendmsg",
+    STAT_DNS_REPLY_SOURCE => "dns_reply_source",
+    STAT_DNS_TCP => "dns_tcp",
+    STAT_FAKE_REDIRECTED => "fake_redirected",
+    STAT_REFUSED_UDP => "refused_udp",
+    STAT_REFUSED_UNPROXYABLE => "refused_unproxyable",
+    STAT_DIRECT_UDP => "direct_udp",
+    STAT_DIRECT_UNPROXYABLE => "direct_unproxyable",
 ];
 
 // Entry i is enumerator i: with the size, every counter is named exactly once.
@@ -176,16 +219,26 @@ impl Redirect {
         let target_fd = open_dir(intercepted)?;
         let p = &r.skel.progs;
         let (mine, theirs) = ((&own_fd, own), (&target_fd, intercepted));
+        let udp = cfg.names.needs_udp_programs();
+        // Replies are shown from the server asked before any query is sent
+        // to ktproxy, and queries are redirected before connect is.
         let plan = [
-            (&p.ktproxy_getsockopt, mine),
-            (&p.ktproxy_sockops_client, theirs),
-            (&p.ktproxy_getpeername4, theirs),
-            (&p.ktproxy_getpeername6, theirs),
-            (&p.ktproxy_connect6, theirs),
-            (&p.ktproxy_connect4, theirs),
+            (&p.ktproxy_getsockopt, mine, true),
+            (&p.ktproxy_sockops_client, theirs, true),
+            (&p.ktproxy_getpeername4, theirs, true),
+            (&p.ktproxy_getpeername6, theirs, true),
+            (&p.ktproxy_recvmsg4, theirs, udp),
+            (&p.ktproxy_recvmsg6, theirs, udp),
+            (&p.ktproxy_sendmsg4, theirs, udp),
+            (&p.ktproxy_sendmsg6, theirs, udp),
+            (&p.ktproxy_connect6, theirs, true),
+            (&p.ktproxy_connect4, theirs, true),
         ];
         let mut links = Vec::new();
-        for (prog, (fd, path)) in plan {
+        for (prog, (fd, path), wanted) in plan {
+            if !wanted {
+                continue;
+            }
             let name = prog.name().to_string_lossy().into_owned();
             let link = prog
                 .attach_cgroup(fd.as_raw_fd())
@@ -256,6 +309,19 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
         ro.listen_ip6 = ip6_words(a.ip());
         ro.listen_port6 = a.port();
     }
+    let n = &cfg.names;
+    ro.dns_on = u8::from(n.dns);
+    ro.dns_port4 = n.dns4.unwrap_or(0);
+    ro.dns_port6 = n.dns6.unwrap_or(0);
+    if let Some((net, len)) = n.fake {
+        (ro.fake_net4, ro.fake_mask4) = fake_range(net, len);
+    }
+    ro.unproxied = match n.unproxied {
+        // enum UNPROXIED_* in the C file.
+        Unproxied::Pass => 0,
+        Unproxied::Refuse => 1,
+        Unproxied::PassCounted => 2,
+    };
     if let Some(ports) = cfg.ports {
         ro.port_filter = 1;
         ro.port_bits = *ports.bits();
@@ -321,6 +387,19 @@ fn lpm_keys(cidrs: &[Cidr]) -> (Vec<lpm4_key>, Vec<lpm6_key>) {
         }
     }
     (v4, v6)
+}
+
+/// (network, mask) of a fake range, both in network byte order as the
+/// programs compare them; a /0 would be everything and is never given.
+fn fake_range(net: Ipv4Addr, len: u8) -> (u32, u32) {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0);
+    let net = u32::from(net) & mask;
+    (
+        u32::from_ne_bytes(net.to_be_bytes()),
+        u32::from_ne_bytes(mask.to_be_bytes()),
+    )
 }
 
 /// A type generated from the C file that the kernel gets as raw bytes.
@@ -550,13 +629,39 @@ libbpf: failed to load object 'ktproxy_bpf'
     }
 
     #[test]
+    fn fake_range_is_network_and_mask_in_network_byte_order() {
+        let (net, mask) = fake_range(Ipv4Addr::new(198, 18, 0, 0), 15);
+        assert_eq!(net.to_ne_bytes(), [198, 18, 0, 0]);
+        assert_eq!(mask.to_ne_bytes(), [255, 254, 0, 0]);
+        let (net, mask) = fake_range(Ipv4Addr::new(10, 1, 2, 3), 24);
+        assert_eq!(net.to_ne_bytes(), [10, 1, 2, 0], "host bits are cleared");
+        assert_eq!(mask.to_ne_bytes(), [255, 255, 255, 0]);
+        assert_eq!(fake_range(Ipv4Addr::new(1, 2, 3, 4), 32).1, u32::MAX);
+    }
+
+    #[test]
+    fn udp_programs_are_attached_only_when_they_have_work() {
+        let off = NamesKernel::default();
+        assert!(!off.needs_udp_programs());
+        let dns = NamesKernel { dns: true, ..off };
+        assert!(dns.needs_udp_programs());
+        let refuse = NamesKernel {
+            unproxied: Unproxied::Refuse,
+            ..off
+        };
+        assert!(refuse.needs_udp_programs());
+    }
+
+    #[test]
     fn counters_are_logged_under_their_enumerators_names_in_enum_order() {
         let values: [u64; STATS.len()] = std::array::from_fn(|i| i as u64 * 10);
         assert_eq!(
             Counters(values).to_string(),
             "redirected=0 skipped_proxy_own=10 skipped_other_netns=20 skipped_by_rule=30 \
              skipped_to_proxy=40 no_socket_storage=50 flows_published=60 flows_claimed=70 \
-             original_dst_answered=80"
+             original_dst_answered=80 dns_connect=90 dns_sendmsg=100 dns_reply_source=110 \
+             dns_tcp=120 fake_redirected=130 refused_udp=140 refused_unproxyable=150 \
+             direct_udp=160 direct_unproxyable=170"
         );
     }
 

@@ -13,6 +13,8 @@ mod cgroup;
 mod cli;
 mod command;
 mod conn;
+mod dns;
+mod names;
 mod pipes;
 mod preflight;
 mod relay;
@@ -89,16 +91,16 @@ fn run(cfg: Config) -> Result<i32> {
     let listeners = bind_listeners(&cfg)?;
     let bound = local_addrs(&listeners)?;
     let netns_cookie = netns_cookie(&listeners)?;
-    let kernel = bpf::KernelConfig::new(&cfg, own.id(), netns_cookie, &bound);
+    let dns = names::start(&cfg, &bound)?;
+    let kernel = bpf::KernelConfig::new(&cfg, own.id(), netns_cookie, &bound)
+        .with_names(names::kernel(&cfg, dns.as_ref()));
     let redirect = bpf::Redirect::start(&kernel, &intercepted, own.path())?;
     if command_cgroup.is_none() {
         warn_if_upstream_is_intercepted(&cfg, &intercepted);
     }
-    let shared = Arc::new(conn::Shared::new(
-        bound.clone(),
-        cfg.connect_timeout,
-        cfg.upstream.clone(),
-    ));
+    let shared = Arc::new(
+        conn::Shared::new(bound.clone(), cfg.connect_timeout, cfg.upstream.clone()).with_names(dns),
+    );
     for l in listeners {
         server::start(l, Arc::clone(&shared))?;
     }
