@@ -20,6 +20,7 @@ use nix::unistd::{Pid, User};
 
 use crate::cgroup::CommandCgroup;
 use crate::error::{io_text, Context, Error, Result};
+use crate::nss;
 
 /// Who COMMAND runs as with --user, resolved before fork: the child may only
 /// make async-signal-safe calls.
@@ -47,8 +48,14 @@ pub fn resolve_user(name: &str) -> Result<Identity> {
     })
 }
 
-/// Starts COMMAND inside `cgroup`, as `user` if given.
-pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -> Result<Child> {
+/// Starts COMMAND inside `cgroup`, as `user` if given, in the name-service
+/// view `nss` if given.
+pub fn spawn(
+    argv: &[String],
+    cgroup: &CommandCgroup,
+    user: Option<&Identity>,
+    nss: Option<&nss::View>,
+) -> Result<Child> {
     let (prog, args) = argv
         .split_first()
         .ok_or_else(|| Error::usage("no COMMAND after --"))?;
@@ -65,6 +72,7 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
     cmd.args(args);
     let mut creds = None;
     let ktproxy_pid = nix::unistd::getpid().as_raw();
+    let nss = nss.map(nss::View::mounts);
     if let Some(u) = user {
         cmd.env("HOME", &u.home)
             .env("USER", &u.name)
@@ -72,8 +80,9 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
         creds = Some((u.uid, u.gid, u.groups.clone()));
     }
     // SAFETY: the closure runs between fork and exec and makes only
-    // async-signal-safe calls (write, setgroups, setgid, setuid, prctl,
-    // getppid, pthread_sigmask) on data prepared before the fork. They stay
+    // async-signal-safe calls (write, unshare, mount, setgroups, setgid,
+    // setuid, prctl, getppid, pthread_sigmask) on data prepared before the
+    // fork. They stay
     // raw libc so that this can be checked call by call against
     // signal-safety(7), with nothing in between that might allocate.
     unsafe {
@@ -81,6 +90,10 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, user: Option<&Identity>) -
             // "0" means the writing process itself.
             if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                 return Err(io::Error::last_os_error());
+            }
+            // Needs CAP_SYS_ADMIN: before any --user switch.
+            if let Some(mounts) = &nss {
+                mounts.apply()?;
             }
             if let Some((uid, gid, groups)) = &creds {
                 // Groups first: after setuid we could no longer change them.

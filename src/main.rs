@@ -15,6 +15,7 @@ mod command;
 mod conn;
 mod dns;
 mod names;
+mod nss;
 mod pipes;
 mod preflight;
 mod relay;
@@ -107,7 +108,7 @@ fn run(cfg: Config) -> Result<i32> {
     log_ready(&cfg, &bound, &root, &intercepted, own.path(), capacity);
 
     let code = match &command_cgroup {
-        Some(cg) => run_command(&cfg.command, cg, user.as_ref(), &signals)?,
+        Some(cg) => run_command(&cfg.command, cg, user.as_ref(), &signals, cfg.names.dns)?,
         None => wait_for_signal(&signals)?,
     };
     let counters = redirect.counters();
@@ -223,8 +224,12 @@ fn run_command(
     cgroup: &cgroup::CommandCgroup,
     user: Option<&command::Identity>,
     signals: &SigSet,
+    names: bool,
 ) -> Result<i32> {
-    let child = command::spawn(argv, cgroup, user)?;
+    // With names on, COMMAND's names must leave as DNS packets (src/nss.rs).
+    let nss = if names { nss::prepare()? } else { None };
+    let child = command::spawn(argv, cgroup, user, nss.as_ref())?;
+    drop(nss);
     let code = command::supervise(child, cgroup, signals)?;
     info!("COMMAND exited with status {code}: shutting down");
     Ok(code)
