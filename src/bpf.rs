@@ -332,6 +332,18 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
     ro.have_excl4 = u8::from(!excl4.is_empty());
     ro.have_excl6 = u8::from(!excl6.is_empty());
 
+    // Unneeded UDP programs are not even loaded: four descriptors fewer.
+    let udp = cfg.names.needs_udp_programs();
+    let p = &mut open.progs;
+    for prog in [
+        &mut p.ktproxy_sendmsg4,
+        &mut p.ktproxy_sendmsg6,
+        &mut p.ktproxy_recvmsg4,
+        &mut p.ktproxy_recvmsg6,
+    ] {
+        prog.set_autoload(udp);
+    }
+
     // LPM tries are sized to their rules (an empty map is not allowed).
     let m = &mut open.maps;
     for (map, len) in [

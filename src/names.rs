@@ -64,6 +64,12 @@ pub enum Route {
 /// finds its answer.
 pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Result<Option<Dns>> {
     let n = &cfg.names;
+    if n.unproxied == Unproxied::PassCounted {
+        warn!(
+            "--allow-direct: COMMAND's UDP other than DNS, and connects ktproxy cannot proxy, \
+             go out directly, not through the upstream (counted: direct_udp, direct_unproxyable)"
+        );
+    }
     if !n.dns {
         if cfg.upstream.is_some() && n.unproxied != Unproxied::Pass {
             warn!(
@@ -110,12 +116,6 @@ pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Result<Option<Dns>> {
             (None, _) => "get SERVFAIL (no resolver to forward them to: --dns-forward)".into(),
         }
     );
-    if n.unproxied == Unproxied::PassCounted {
-        warn!(
-            "--allow-direct: COMMAND's UDP other than DNS, and connects ktproxy cannot proxy, \
-             go out directly, not through the upstream"
-        );
-    }
     Ok(Some(Dns {
         table,
         responder,
