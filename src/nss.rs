@@ -183,7 +183,7 @@ fn hosts_line(nsswitch: &str) -> Option<&str> {
         .filter_map(|l| l.split('#').next())
         .filter_map(|l| l.trim_start().strip_prefix("hosts"))
         .filter_map(|rest| rest.trim_start().strip_prefix(':'))
-        .last()
+        .next_back()
 }
 
 /// The file with every `hosts:` line replaced by `hosts: files dns`.
