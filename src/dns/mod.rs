@@ -200,9 +200,10 @@ impl fmt::Display for FakeNet {
 }
 
 /// Ranges a fake address must never shadow: connects there mean something.
-const RESERVED: [(&str, (Ipv4Addr, u8)); 4] = [
+const RESERVED: [(&str, (Ipv4Addr, u8)); 5] = [
     ("'this network'", (Ipv4Addr::new(0, 0, 0, 0), 8)),
     ("loopback", (Ipv4Addr::new(127, 0, 0, 0), 8)),
+    ("link-local", (Ipv4Addr::new(169, 254, 0, 0), 16)),
     ("multicast", (Ipv4Addr::new(224, 0, 0, 0), 4)),
     ("reserved/broadcast", (Ipv4Addr::new(240, 0, 0, 0), 4)),
 ];
@@ -261,6 +262,7 @@ mod tests {
         );
         assert!(err("0.0.0.0/0").contains("overlaps 'this network' 0.0.0.0/8"));
         assert!(err("224.0.0.0/8").contains("overlaps multicast"));
+        assert!(err("169.254.0.0/16").contains("overlaps link-local"));
         assert!(err("10.0.0.0/33").contains("prefix length"));
         assert!(FakeNet::parse("10.240.0.0/20").is_ok());
         assert!(FakeNet::parse("100.64.0.0/10").is_ok());

@@ -295,6 +295,13 @@ mod tests {
     }
 
     #[test]
+    fn guards_and_table_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Pinned>();
+        send_sync::<Names>();
+    }
+
+    #[test]
     fn unknown_or_foreign_addresses_do_not_pin() {
         let n = small(10);
         n.assign("a.test").unwrap();
