@@ -7,7 +7,7 @@ use std::time::Duration;
 use getopts::Options;
 use log::LevelFilter;
 
-use crate::dns::{self, FakeNet};
+use crate::dns::{self, FakeNet, DEFAULT_FAKE_NET};
 use crate::error::{Error, Result};
 use crate::rules::{PortSet, Rules};
 use crate::upstream::Upstream;
@@ -16,8 +16,6 @@ use crate::upstream::Upstream;
 /// with a warning (only when defaulted: an explicit -l must work).
 pub const DEFAULT_LISTEN: [&str; 2] = ["127.0.0.1:8999", "[::1]:8999"];
 const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
-/// RFC 2544's benchmarking range: routed nowhere on the Internet.
-pub const DEFAULT_FAKE_NET: &str = "198.18.0.0/15";
 
 #[derive(Debug)]
 pub struct Config {
@@ -412,14 +410,14 @@ fn parse_names(
     let fake_text = fake_arg.as_deref().unwrap_or(DEFAULT_FAKE_NET);
     let fake_net = FakeNet::parse(fake_text).map_err(|e| prefixed("--fake-net", e))?;
     for a in listen {
-        if fake_net.contains(a.ip()) {
+        if fake_net.covers(a.ip()) {
             return Err(Error::usage(format!(
                 "--fake-net {fake_text} contains the listen address {a}: pick a range nothing \
                  on this machine uses"
             )));
         }
     }
-    if let Some(up) = upstream.filter(|up| fake_net.contains(up.addr().ip())) {
+    if let Some(up) = upstream.filter(|up| fake_net.covers(up.addr().ip())) {
         return Err(Error::usage(format!(
             "--fake-net {fake_text} contains the upstream proxy's address {}",
             up.addr()
@@ -737,7 +735,7 @@ mod tests {
             usage_error(&a)
         };
         let e = with(&["--fake-net", "bogus"]);
-        assert!(e.starts_with("--fake-net: "), "{e}");
+        assert!(e.starts_with("--fake-net bogus: "), "{e}");
         let e = with(&["--fake-net", "10.9.0.0/16", "-l", "10.9.1.1:8999"]);
         assert!(
             e.contains("contains the listen address 10.9.1.1:8999"),

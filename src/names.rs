@@ -27,12 +27,6 @@ use crate::error::{io_text, Context, Result};
 use crate::sys;
 use crate::upstream::{Target, Upstream};
 
-/// How many names the table holds before the least recently used one's
-/// address is handed to a new name (a few hundred bytes each).
-const TABLE_CAPACITY: usize = 65_536;
-/// Clients cache fake addresses this long (seconds): short, so that a
-/// restarted ktproxy, whose table is empty, is asked again soon.
-const TTL: u32 = 5;
 /// An idle DNS-over-TCP client is dropped after this long.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
@@ -91,14 +85,17 @@ pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Result<Option<Dns>> {
         }
         sockets.push(s);
     }
-    let table = Arc::new(dns::Names::new(n.fake_net, TABLE_CAPACITY));
+    let table = Arc::new(dns::Names::new(n.fake_net, dns::DEFAULT_CAPACITY));
     let forward = forward_server(cfg);
-    let responder = Arc::new(Responder::new(dns::Options {
-        names: Arc::clone(&table),
-        forward: forward.map(|server| forwarder(server, cfg.upstream.clone(), cfg.connect_timeout)),
-        direct_domains: n.direct_domains.clone(),
-        ttl: TTL,
-    }));
+    let mut options = dns::Options::new(Arc::clone(&table));
+    options.forward =
+        forward.map(|server| forwarder(server, cfg.upstream.clone(), cfg.connect_timeout));
+    // Names under --direct-domain are local by definition: their other
+    // query types go to ktproxy's own resolver, directly.
+    options.direct_forward =
+        local_server().map(|server| forwarder(server, None, cfg.connect_timeout));
+    options.direct_domains = n.direct_domains.clone();
+    let responder = Arc::new(Responder::new(options));
     let shown: Vec<String> = sockets
         .iter()
         .filter_map(|s| s.local_addr().ok())
@@ -108,8 +105,9 @@ pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Result<Option<Dns>> {
     let (net, len) = n.fake_net.network();
     info!(
         "answering DNS on udp {} (TCP port 53 through the listeners); fake addresses from \
-         {net}/{len}; other query types {}",
+         {net}/{len}, {} names at most; other query types {}",
         shown.join(" and "),
+        table.capacity(),
         match (forward, &cfg.upstream) {
             (Some(s), Some(up)) => format!("go to {s} through {}", up.display()),
             (Some(s), None) => format!("go to {s}"),
@@ -216,6 +214,14 @@ fn forward_server(cfg: &Config) -> Option<SocketAddr> {
         .into_iter()
         .find(|ip| cfg.upstream.is_none() || !ip.is_loopback());
     found.map(|ip| SocketAddr::new(ip, 53))
+}
+
+/// The first nameserver of ktproxy's own /etc/resolv.conf.
+fn local_server() -> Option<SocketAddr> {
+    let text = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    nameservers(&text)
+        .first()
+        .map(|ip| SocketAddr::new(*ip, 53))
 }
 
 /// The `nameserver` lines of a resolv.conf, in order; an IPv6 zone
