@@ -7,13 +7,13 @@ set -euo pipefail
 
 # gcc is not in the usual list but is needed: rustc links through `cc`.
 # The second line: real peers the end-to-end tests talk to (SOCKS5 and HTTP
-# CONNECT proxies, a statically linked wget).
+# CONNECT proxies, a statically linked wget and nslookup, dig).
 debian_pkgs=(clang llvm gcc libc6-dev make pkg-config libelf-dev zlib1g-dev
 	linux-libc-dev curl ca-certificates netcat-openbsd iproute2 python3
-	microsocks tinyproxy busybox-static)
+	microsocks tinyproxy busybox-static dnsutils)
 fedora_pkgs=(clang llvm gcc make pkgconf-pkg-config elfutils-libelf-devel
 	zlib-devel kernel-headers bpftool curl nmap-ncat iproute python3
-	microsocks tinyproxy busybox)
+	microsocks tinyproxy busybox bind-utils)
 
 say() { echo "deps.sh: $*" >&2; }
 

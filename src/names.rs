@@ -24,6 +24,7 @@ use crate::cli::{Config, Unproxied};
 use crate::conn;
 use crate::dns::{self, FakeNet, Pinned, Responder};
 use crate::error::{io_text, Context, Result};
+use crate::nss;
 use crate::sys;
 use crate::upstream::{Target, Upstream};
 
@@ -114,6 +115,15 @@ pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Result<Option<Dns>> {
             (None, _) => "get SERVFAIL (no resolver to forward them to: --dns-forward)".into(),
         }
     );
+    if cfg.command.is_empty() {
+        // A cgroup's processes keep their own mount namespace: only warn.
+        if let Some(what) = nss::leaks() {
+            warn!(
+                "processes that resolve names through {what} bypass ktproxy's DNS: the daemon \
+                 asks the network itself, from outside the intercepted cgroup"
+            );
+        }
+    }
     Ok(Some(Dns {
         table,
         responder,

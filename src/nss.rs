@@ -50,26 +50,39 @@ pub struct Mounts {
     hide: Vec<CString>,
 }
 
+/// What would resolve names outside the intercepted cgroup: the daemon
+/// services of the hosts line, and nscd. None when names leave as packets.
+pub fn leaks() -> Option<String> {
+    let text = fs::read_to_string(NSSWITCH).ok();
+    describe(
+        &text.as_deref().map(daemon_services).unwrap_or_default(),
+        !nscd_sockets().is_empty(),
+    )
+}
+
+fn describe(daemons: &[String], nscd: bool) -> Option<String> {
+    let mut what: Vec<String> = daemons
+        .iter()
+        .map(|s| format!("'{s}' in {NSSWITCH}"))
+        .collect();
+    if nscd {
+        what.push("nscd".to_string());
+    }
+    (!what.is_empty()).then(|| what.join(" and "))
+}
+
 /// The view COMMAND needs, if it needs one. Logs what it found and does.
 pub fn prepare() -> Result<Option<View>> {
     let text = fs::read_to_string(NSSWITCH).ok();
     let daemons = text.as_deref().map(daemon_services).unwrap_or_default();
     let sockets = nscd_sockets();
-    if daemons.is_empty() && sockets.is_empty() {
+    let Some(what) = describe(&daemons, !sockets.is_empty()) else {
         return Ok(None);
-    }
-    let mut what: Vec<String> = daemons
-        .iter()
-        .map(|s| format!("'{s}' in {NSSWITCH}"))
-        .collect();
-    if !sockets.is_empty() {
-        what.push("nscd".to_string());
-    }
+    };
     info!(
-        "COMMAND would resolve names through {}, which asks the network from outside its cgroup \
-         (a leak, and real addresses): COMMAND gets a private mount namespace with '{HOSTS_LINE}' \
-         and no nscd socket",
-        what.join(" and ")
+        "COMMAND would resolve names through {what}, which asks the network from outside its \
+         cgroup (a leak, and real addresses): COMMAND gets a private mount namespace with \
+         '{HOSTS_LINE}' and no nscd socket"
     );
     let mut view = View {
         mounts: Mounts {
