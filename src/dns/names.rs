@@ -90,10 +90,12 @@ impl Names {
     }
 
     /// Names in the table now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         lock(&self.table).by_name.len()
     }
 
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         lock(&self.table).capacity
     }
