@@ -34,6 +34,12 @@ pub use names::{Names, Pinned};
 pub use responder::Responder;
 pub use serve::{serve_tcp, start_udp};
 
+/// The fake range when --fake-net is not given: RFC 2544's benchmarking
+/// range, which no real host uses (131,070 addresses).
+pub const DEFAULT_FAKE_NET: &str = "198.18.0.0/15";
+/// How many names the table keeps (least recently used goes first).
+pub const DEFAULT_CAPACITY: usize = 65_536;
+
 /// Seconds. Short, so that clients come back often: a name in use is then
 /// refreshed in the table, and a client holds an address only briefly
 /// after its name was last asked for. Five seconds still spares a page
@@ -179,8 +185,7 @@ impl FakeNet {
     }
 }
 
-/// The fake range when --fake-net is not given: 198.18.0.0/15, RFC 2544's
-/// benchmarking range, which no real host uses (131,070 addresses).
+/// DEFAULT_FAKE_NET.
 impl Default for FakeNet {
     fn default() -> FakeNet {
         FakeNet {
@@ -237,7 +242,7 @@ mod tests {
 
     #[test]
     fn default_fake_net_parses_to_the_default() {
-        let n = FakeNet::parse("198.18.0.0/15").unwrap();
+        let n = FakeNet::parse(DEFAULT_FAKE_NET).unwrap();
         assert_eq!(n, FakeNet::default());
         assert_eq!(n.network(), (Ipv4Addr::new(198, 18, 0, 0), 15));
         assert_eq!(n.usable(), 131_070);

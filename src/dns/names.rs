@@ -100,7 +100,6 @@ impl Names {
         lock(&self.table).by_name.len()
     }
 
-    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         lock(&self.table).capacity
     }
