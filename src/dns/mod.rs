@@ -39,6 +39,7 @@ pub use serve::{serve_tcp, start_udp};
 pub const DEFAULT_FAKE_NET: &str = "198.18.0.0/15";
 /// How many names the table keeps (least recently used goes first).
 pub const DEFAULT_CAPACITY: usize = 65_536;
+
 /// Seconds. Short, so that clients come back often: a name in use is then
 /// refreshed in the table, and a client holds an address only briefly
 /// after its name was last asked for. Five seconds still spares a page
@@ -184,6 +185,7 @@ impl FakeNet {
     }
 }
 
+/// DEFAULT_FAKE_NET.
 impl Default for FakeNet {
     fn default() -> FakeNet {
         FakeNet {

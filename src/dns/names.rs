@@ -9,6 +9,11 @@
 //! [`Pinned`] guard) is never evicted, so its address is never reassigned
 //! while the connection lives.
 //!
+//! Memory: about 150 bytes per name of 15 characters, 180 for 37 (malloc's
+//! count: the name once, shared by the entry and the name index, plus both
+//! indexes' buckets); 65,536 names take under 10 MiB (scripts/bench.sh
+//! measures ktproxy's Pss over 100,000 names).
+//!
 //! One mutex guards it all: the responder threads hold it for one hash
 //! lookup, connection threads for one pin or unpin.
 
@@ -90,6 +95,7 @@ impl Names {
     }
 
     /// Names in the table now.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         lock(&self.table).by_name.len()
     }

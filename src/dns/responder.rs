@@ -143,12 +143,14 @@ impl Responder {
         }
     }
 
+    #[cfg(test)]
     pub fn names(&self) -> &Arc<Names> {
         &self.names
     }
 
     /// The reply to one query as a UDP client gets it (None: no reply).
-    /// May block (forwarding, direct lookups).
+    /// May block (forwarding, direct lookups). The servers use `respond`.
+    #[cfg(test)]
     pub fn answer(&self, query: &[u8]) -> Option<Vec<u8>> {
         let mut out = Vec::new();
         match self.respond(query, &mut out, Transport::Udp, true) {

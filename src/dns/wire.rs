@@ -142,7 +142,6 @@ struct Record {
     rtype: u16,
     class: u16,
     ttl: u32,
-    rdata_len: usize,
     end: usize,
 }
 
@@ -157,7 +156,6 @@ fn record_at(msg: &[u8], pos: usize) -> Option<Record> {
         rtype,
         class,
         ttl,
-        rdata_len,
         end,
     })
 }
