@@ -76,14 +76,16 @@ const volatile __u8 have_excl4 = 0;
 const volatile __u8 have_excl6 = 0;
 
 /* Names (see "names" below). dns_on: UDP and TCP port 53 go to ktproxy's
- * DNS sockets, on the listen addresses with these UDP ports (0 = that family
- * has none). fake_mask4 != 0: destinations in fake_net4/fake_mask4 (network
+ * DNS sockets at these addresses (network order; loopback) and UDP ports
+ * (0 = that family has none). fake_mask4 != 0: destinations in fake_net4/fake_mask4 (network
  * order) are always redirected. unproxied: what happens to a connect or
  * datagram ktproxy cannot carry (UDP other than DNS, a family without a
  * listener, link-local IPv6) to a non-loopback destination: UNPROXIED_*. */
 enum { UNPROXIED_PASS, UNPROXIED_REFUSE, UNPROXIED_PASS_COUNTED };
 const volatile __u8 dns_on = 0;
+const volatile __u32 dns_ip4 = 0;
 const volatile __u16 dns_port4 = 0;
+const volatile __u32 dns_ip6[4] = {};
 const volatile __u16 dns_port6 = 0;
 const volatile __u32 fake_net4 = 0;
 const volatile __u32 fake_mask4 = 0;
@@ -458,7 +460,7 @@ static __always_inline int dns_to_ktproxy4(struct bpf_sock_addr *ctx, __u32 ip, 
 	dst.port = bpf_htons(53);
 	dst.family = AF_INET;
 	remember_server(ctx, &dst);
-	ctx->user_ip4 = listen_ip4;
+	ctx->user_ip4 = dns_ip4;
 	ctx->user_port = (__u32)bpf_htons(dns_port4);
 	count(stat);
 	return 1;
@@ -482,7 +484,7 @@ static __always_inline int dns_to_ktproxy6(struct bpf_sock_addr *ctx, const __u3
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = bpf_htonl(0xffff);
-		ctx->user_ip6[3] = listen_ip4;
+		ctx->user_ip6[3] = dns_ip4;
 		ctx->user_port = (__u32)bpf_htons(dns_port4);
 		count(stat);
 		return 1;
@@ -497,10 +499,10 @@ static __always_inline int dns_to_ktproxy6(struct bpf_sock_addr *ctx, const __u3
 		dst.ip[3] = bpf_htonl(1);
 	dst.family = AF_INET6;
 	remember_server(ctx, &dst);
-	ctx->user_ip6[0] = listen_ip6[0];
-	ctx->user_ip6[1] = listen_ip6[1];
-	ctx->user_ip6[2] = listen_ip6[2];
-	ctx->user_ip6[3] = listen_ip6[3];
+	ctx->user_ip6[0] = dns_ip6[0];
+	ctx->user_ip6[1] = dns_ip6[1];
+	ctx->user_ip6[2] = dns_ip6[2];
+	ctx->user_ip6[3] = dns_ip6[3];
 	ctx->user_port = (__u32)bpf_htons(dns_port6);
 	count(stat);
 	return 1;
@@ -585,7 +587,7 @@ int ktproxy_recvmsg4(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst *dst;
 
-	if (!dns_port4 || ctx->user_ip4 != listen_ip4 ||
+	if (!dns_port4 || ctx->user_ip4 != dns_ip4 ||
 	    bpf_ntohs((__u16)ctx->user_port) != dns_port4)
 		return 1;
 	dst = bpf_sk_storage_get(&client_dst, ctx->sk, 0, 0);
@@ -609,10 +611,10 @@ int ktproxy_recvmsg6(struct bpf_sock_addr *ctx)
 	ip[1] = ctx->user_ip6[1];
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
-	if (dns_port4 && port == dns_port4 && is_v4_mapped(ip) && ip[3] == listen_ip4)
+	if (dns_port4 && port == dns_port4 && is_v4_mapped(ip) && ip[3] == dns_ip4)
 		family = AF_INET;
-	else if (dns_port6 && port == dns_port6 && ip[0] == listen_ip6[0] &&
-		 ip[1] == listen_ip6[1] && ip[2] == listen_ip6[2] && ip[3] == listen_ip6[3])
+	else if (dns_port6 && port == dns_port6 && ip[0] == dns_ip6[0] && ip[1] == dns_ip6[1] &&
+		 ip[2] == dns_ip6[2] && ip[3] == dns_ip6[3])
 		family = AF_INET6;
 	else
 		return 1;

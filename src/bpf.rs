@@ -47,10 +47,10 @@ pub struct KernelConfig<'a> {
 pub struct NamesKernel {
     /// DNS interception is on.
     pub dns: bool,
-    /// UDP ports of the DNS sockets on the IPv4 and IPv6 listen addresses
-    /// (None: that family's queries cannot be answered).
-    pub dns4: Option<u16>,
-    pub dns6: Option<u16>,
+    /// The DNS sockets, IPv4 and IPv6 (None: that family's queries cannot
+    /// be answered).
+    pub dns4: Option<SocketAddrV4>,
+    pub dns6: Option<SocketAddrV6>,
     /// The fake range (network, prefix length): always redirected.
     pub fake: Option<(Ipv4Addr, u8)>,
     pub unproxied: Unproxied,
@@ -311,8 +311,14 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
     }
     let n = &cfg.names;
     ro.dns_on = u8::from(n.dns);
-    ro.dns_port4 = n.dns4.unwrap_or(0);
-    ro.dns_port6 = n.dns6.unwrap_or(0);
+    if let Some(a) = n.dns4 {
+        ro.dns_ip4 = u32::from_ne_bytes(a.ip().octets());
+        ro.dns_port4 = a.port();
+    }
+    if let Some(a) = n.dns6 {
+        ro.dns_ip6 = ip6_words(a.ip());
+        ro.dns_port6 = a.port();
+    }
     if let Some((net, len)) = n.fake {
         (ro.fake_net4, ro.fake_mask4) = fake_range(net, len);
     }

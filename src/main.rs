@@ -13,8 +13,6 @@ mod cgroup;
 mod cli;
 mod command;
 mod conn;
-// A few of its functions are used by its own tests only (9-dns trims them).
-#[allow(dead_code)]
 mod dns;
 mod names;
 mod nss;

@@ -13,7 +13,10 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, ToSocketAddrs,
+    UdpSocket,
+};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,8 +39,8 @@ pub struct Dns {
     table: Arc<dns::Names>,
     responder: Arc<Responder>,
     fake_net: FakeNet,
-    /// UDP ports of the DNS sockets on the IPv4 and IPv6 listen addresses.
-    ports: (Option<u16>, Option<u16>),
+    /// The DNS sockets, IPv4 and IPv6.
+    addrs: (Option<SocketAddrV4>, Option<SocketAddrV6>),
 }
 
 /// What a connection's original destination stands for.
@@ -53,10 +56,12 @@ pub enum Route {
     Unknown,
 }
 
-/// With names on: binds a UDP DNS socket on each listen address (the TCP
+/// With names on: binds a UDP DNS socket for each listen address (the TCP
 /// listener's port number, UDP ports being separate) and starts answering.
 /// Runs before the programs are attached, so the first redirected query
-/// finds its answer.
+/// finds its answer. The socket is on loopback even when the listener is
+/// not: on another address it would be an open resolver for the network,
+/// forwarding through the upstream.
 pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Result<Option<Dns>> {
     let n = &cfg.names;
     if n.unproxied == Unproxied::PassCounted {
@@ -75,14 +80,12 @@ pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Result<Option<Dns>> {
         return Ok(None);
     }
     let mut sockets = Vec::new();
-    let mut ports = (None, None);
+    let mut addrs = (None, None);
     for addr in bound {
         let s = bind_dns_socket(cfg, addr)?;
-        let port = s.local_addr().context("reading the DNS address")?.port();
-        if addr.is_ipv4() {
-            ports.0 = Some(port);
-        } else {
-            ports.1 = Some(port);
+        match s.local_addr().context("reading the DNS address")? {
+            SocketAddr::V4(a) => addrs.0 = Some(a),
+            SocketAddr::V6(a) => addrs.1 = Some(a),
         }
         sockets.push(s);
     }
@@ -128,21 +131,28 @@ pub fn start(cfg: &Config, bound: &[SocketAddr]) -> Result<Option<Dns>> {
         table,
         responder,
         fake_net: n.fake_net,
-        ports,
+        addrs,
     }))
 }
 
-/// The DNS socket for one listener: its port number if free, else (when the
-/// port was picked by the system anyway) any free port.
+/// The DNS socket for one listener: its address if that is loopback, else
+/// the family's loopback; its port number if free, else (when the port was
+/// picked by the system anyway) any free port.
 fn bind_dns_socket(cfg: &Config, listener: &SocketAddr) -> Result<UdpSocket> {
-    match UdpSocket::bind(listener) {
+    let ip = match listener.ip() {
+        ip if ip.is_loopback() => ip,
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    };
+    let addr = SocketAddr::new(ip, listener.port());
+    match UdpSocket::bind(addr) {
         Ok(s) => Ok(s),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse && chosen_port(cfg, listener) == 0 => {
-            debug!("udp {listener} is taken; the DNS socket takes another port");
-            UdpSocket::bind(SocketAddr::new(listener.ip(), 0))
-                .with_context(|| format!("binding the DNS socket on udp {}", listener.ip()))
+            debug!("udp {addr} is taken; the DNS socket takes another port");
+            UdpSocket::bind(SocketAddr::new(ip, 0))
+                .with_context(|| format!("binding the DNS socket on udp {ip}"))
         }
-        Err(e) => Err(e).with_context(|| format!("binding the DNS socket on udp {listener}")),
+        Err(e) => Err(e).with_context(|| format!("binding the DNS socket on udp {addr}")),
     }
 }
 
@@ -158,8 +168,8 @@ fn chosen_port(cfg: &Config, listener: &SocketAddr) -> u16 {
 pub fn kernel(cfg: &Config, dns: Option<&Dns>) -> NamesKernel {
     NamesKernel {
         dns: dns.is_some(),
-        dns4: dns.and_then(|d| d.ports.0),
-        dns6: dns.and_then(|d| d.ports.1),
+        dns4: dns.and_then(|d| d.addrs.0),
+        dns6: dns.and_then(|d| d.addrs.1),
         fake: dns.map(|d| d.fake_net.network()),
         unproxied: cfg.names.unproxied,
     }

@@ -544,3 +544,25 @@ pub fn client_py(args: &[&str]) -> Vec<String> {
     v.extend(args.iter().map(|s| s.to_string()));
     v
 }
+
+/// One DNS query for `name` (type A) over UDP from the test process itself
+/// (outside every intercepted cgroup): the reply, or None after `timeout`.
+pub fn ask_udp(server: SocketAddr, name: &str, timeout: Duration) -> Option<Vec<u8>> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let bind: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let s = UdpSocket::bind(bind).expect("binding a UDP socket");
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.send_to(&q, server).ok()?;
+    let mut buf = [0u8; 4096];
+    let (n, _) = s.recv_from(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
