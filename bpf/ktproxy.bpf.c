@@ -42,6 +42,7 @@
 #define AF_INET6 10
 #define SOCK_STREAM 1
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
 #define SOL_IP 0
 #define SOL_IPV6 41
 #define SO_ORIGINAL_DST 80      /* <linux/netfilter_ipv4.h> */
@@ -86,6 +87,22 @@ const volatile __u64 port_bits[1024] = {};
 const volatile __u8 dest_filter = 0;
 const volatile __u8 have_excl4 = 0;
 const volatile __u8 have_excl6 = 0;
+
+/* Names (see "names" below). dns_on: UDP and TCP port 53 go to ktproxy's
+ * DNS sockets at these addresses (network order; loopback) and UDP ports
+ * (0 = that family has none). fake_mask4 != 0: destinations in fake_net4/fake_mask4 (network
+ * order) are always redirected. unproxied: what happens to a connect or
+ * datagram ktproxy cannot carry (UDP other than DNS, a family without a
+ * listener, link-local IPv6) to a non-loopback destination: UNPROXIED_*. */
+enum { UNPROXIED_PASS, UNPROXIED_REFUSE, UNPROXIED_PASS_COUNTED };
+const volatile __u8 dns_on = 0;
+const volatile __u32 dns_ip4 = 0;
+const volatile __u16 dns_port4 = 0;
+const volatile __u32 dns_ip6[4] = {};
+const volatile __u16 dns_port6 = 0;
+const volatile __u32 fake_net4 = 0;
+const volatile __u32 fake_mask4 = 0;
+const volatile __u8 unproxied = UNPROXIED_PASS;
 
 /* ---- maps ---------------------------------------------------------------- */
 
@@ -211,6 +228,15 @@ enum stat {
 	STAT_GUARD_REFUSED,         /* guard: a connect to proxy was not redirected (EPERM) */
 	STAT_SKIPPED_UPSTREAM,      /* the local upstream proxy's own connect */
 	STAT_LOOP,                  /* a connection came back from ktproxy itself (ELOOP) */
+	STAT_DNS_CONNECT,           /* UDP connect to port 53 rewritten to the DNS socket */
+	STAT_DNS_SENDMSG,           /* UDP datagram to port 53 rewritten to the DNS socket */
+	STAT_DNS_REPLY_SOURCE,      /* DNS reply's source shown as the server asked */
+	STAT_DNS_TCP,               /* TCP to port 53 redirected whatever the rules say */
+	STAT_FAKE_REDIRECTED,       /* TCP to a fake address redirected whatever the rules say */
+	STAT_REFUSED_UDP,           /* UDP refused (EPERM): command mode with -u */
+	STAT_REFUSED_UNPROXYABLE,   /* connect ktproxy cannot carry refused (EPERM) */
+	STAT_DIRECT_UDP,            /* UDP went direct under --allow-direct */
+	STAT_DIRECT_UNPROXYABLE,    /* unproxyable connect went direct under --allow-direct */
 	STAT_MAX,
 };
 
@@ -463,6 +489,346 @@ static __always_inline int is_v4_mapped(const __u32 ip[4])
 	return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0xffff);
 }
 
+/* ---- names: DNS to ktproxy, fake addresses, what cannot be proxied ------ */
+
+/* With names on (dns_on), every DNS query of the cgroup reaches ktproxy's
+ * DNS sockets, whatever server it was sent to, and the client never notices:
+ *
+ *   connect4/6, UDP to :53     rewrite to the DNS socket; the server asked
+ *                              goes to client_dst, so getpeername shows it
+ *   sendmsg4/6, UDP to :53     same for unconnected sockets (sendto); the
+ *                              last server asked wins
+ *   recvmsg4/6, from the       the reply's source is shown as client_dst:
+ *     DNS socket               resolvers drop replies from other sources
+ *   connect4/6, TCP to :53     redirected like any TCP connect, whatever
+ *                              the rules; ktproxy answers it (DNS over TCP)
+ *   connect4/6, TCP to a       redirected whatever the rules: the address
+ *     fake address             routes nowhere, ktproxy knows its name
+ *
+ * ktproxy's own sockets and other network namespaces are never touched. */
+
+static __always_inline int is_loopback4(__u32 ip)
+{
+	return (ip & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000);
+}
+
+/* :: counts as loopback: connecting to it reaches this host's ::1. */
+static __always_inline int is_loopback6(const __u32 ip[4])
+{
+	if (is_v4_mapped(ip))
+		return is_loopback4(unspecified_to_loopback4(ip[3]));
+	return !ip[0] && !ip[1] && !ip[2] && (!ip[3] || ip[3] == bpf_htonl(1));
+}
+
+static __always_inline int is_fake4(__u32 ip)
+{
+	return fake_mask4 && (ip & fake_mask4) == fake_net4;
+}
+
+/* TCP destinations redirected whatever -p/-d/-x say. */
+static __always_inline int always_redirected4(__u32 ip, __u16 port)
+{
+	if (is_fake4(ip)) {
+		count(STAT_FAKE_REDIRECTED);
+		return 1;
+	}
+	if (dns_on && port == 53) {
+		count(STAT_DNS_TCP);
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int always_redirected6(__u16 port)
+{
+	if (dns_on && port == 53) {
+		count(STAT_DNS_TCP);
+		return 1;
+	}
+	return 0;
+}
+
+/* The verdict (1 = go on, 0 = EPERM) for a connect or datagram ktproxy cannot
+ * carry: command mode with -u refuses it rather than let it leave unproxied,
+ * unless it stays on this host's loopback. */
+static __always_inline int unproxied_verdict(int loopback, __u32 refused, __u32 direct)
+{
+	if (loopback || unproxied == UNPROXIED_PASS)
+		return 1;
+	if (unproxied == UNPROXIED_REFUSE) {
+		count(refused);
+		return 0;
+	}
+	count(direct);
+	return 1;
+}
+
+/* A datagram ktproxy does not carry. With names off (--no-proxy-dns), DNS
+ * was asked to go direct: it does, counted. */
+static __always_inline int datagram_verdict(struct bpf_sock_addr *ctx, __u16 port, int loopback)
+{
+	if (!dns_on && port == 53 && ctx->protocol == IPPROTO_UDP &&
+	    unproxied != UNPROXIED_PASS) {
+		if (!loopback)
+			count(STAT_DIRECT_UDP);
+		return 1;
+	}
+	return unproxied_verdict(loopback, STAT_REFUSED_UDP, STAT_DIRECT_UDP);
+}
+
+/* A TCP connect to an IPv4 destination with no IPv4 listener. A fake address
+ * is refused in any mode: it routes nowhere, failing fast is kinder. */
+static __always_inline int unproxyable4(__u32 ip)
+{
+	if (is_fake4(ip)) {
+		count(STAT_REFUSED_UNPROXYABLE);
+		return 0;
+	}
+	return unproxied_verdict(is_loopback4(ip), STAT_REFUSED_UNPROXYABLE,
+				 STAT_DIRECT_UNPROXYABLE);
+}
+
+/* Like socket_wanted, for sockets that are not TCP. */
+static __always_inline int datagram_wanted(struct bpf_sock_addr *ctx)
+{
+	if (bpf_get_current_cgroup_id() == proxy_cgroup_id) {
+		count(STAT_SKIPPED_PROXY_OWN);
+		return 0;
+	}
+	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie) {
+		count(STAT_SKIPPED_OTHER_NETNS);
+		return 0;
+	}
+	return 1;
+}
+
+static __always_inline int is_dns_query(struct bpf_sock_addr *ctx, __u16 port)
+{
+	return dns_on && port == 53 && ctx->protocol == IPPROTO_UDP;
+}
+
+/* The server a DNS socket asked, for getpeername and recvmsg. Without
+ * storage the query still goes to ktproxy (never direct: that would leak);
+ * only the reply's source shows ktproxy's address. */
+static __always_inline void remember_server(struct bpf_sock_addr *ctx, const struct orig_dst *dst)
+{
+	struct orig_dst *st;
+
+	st = bpf_sk_storage_get(&client_dst, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		count(STAT_NO_SOCKET_STORAGE);
+		return;
+	}
+	*st = *dst;
+}
+
+/* A UDP socket that connects elsewhere after a DNS server must no longer
+ * show that server (family 0: nothing recorded). */
+static __always_inline void forget_server(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *st = bpf_sk_storage_get(&client_dst, ctx->sk, 0, 0);
+
+	if (st)
+		st->family = 0;
+}
+
+/* A DNS query to ip:53 (connect or sendmsg, IPv4 socket) goes to the DNS
+ * socket of the IPv4 listener. */
+static __always_inline int dns_to_ktproxy4(struct bpf_sock_addr *ctx, __u32 ip, __u32 stat)
+{
+	struct orig_dst dst = {};
+	int verdict;
+
+	if (!dns_port4)
+		return unproxied_verdict(is_loopback4(ip), STAT_REFUSED_UDP, STAT_DIRECT_UDP);
+	/* A stopped ktproxy, a device-bound socket: as for TCP (issue 10). */
+	verdict = cannot_redirect(ctx);
+	if (verdict >= 0)
+		return verdict;
+	dst.ip[0] = ip;
+	dst.port = bpf_htons(53);
+	dst.family = AF_INET;
+	remember_server(ctx, &dst);
+	ctx->user_ip4 = dns_ip4;
+	ctx->user_port = (__u32)bpf_htons(dns_port4);
+	count(stat);
+	return 1;
+}
+
+/* The same for an IPv6 socket: ::ffff:a.b.c.d goes to the IPv4 DNS socket,
+ * mapped, anything else to the IPv6 one. */
+static __always_inline int dns_to_ktproxy6(struct bpf_sock_addr *ctx, const __u32 ip[4],
+					   __u32 stat)
+{
+	struct orig_dst dst = {};
+	int verdict;
+
+	dst.port = bpf_htons(53);
+	if (is_v4_mapped(ip) ? !dns_port4 : !dns_port6)
+		return unproxied_verdict(is_loopback6(ip), STAT_REFUSED_UDP, STAT_DIRECT_UDP);
+	verdict = cannot_redirect(ctx);
+	if (verdict >= 0)
+		return verdict;
+	if (is_v4_mapped(ip)) {
+		if (!dns_port4)
+			return unproxied_verdict(is_loopback6(ip), STAT_REFUSED_UDP,
+						 STAT_DIRECT_UDP);
+		dst.ip[0] = unspecified_to_loopback4(ip[3]);
+		dst.family = AF_INET;
+		remember_server(ctx, &dst);
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = dns_ip4;
+		ctx->user_port = (__u32)bpf_htons(dns_port4);
+		count(stat);
+		return 1;
+	}
+	if (!dns_port6)
+		return unproxied_verdict(is_loopback6(ip), STAT_REFUSED_UDP, STAT_DIRECT_UDP);
+	dst.ip[0] = ip[0];
+	dst.ip[1] = ip[1];
+	dst.ip[2] = ip[2];
+	dst.ip[3] = ip[3];
+	if (!(ip[0] | ip[1] | ip[2] | ip[3]))
+		dst.ip[3] = bpf_htonl(1);
+	dst.family = AF_INET6;
+	remember_server(ctx, &dst);
+	ctx->user_ip6[0] = dns_ip6[0];
+	ctx->user_ip6[1] = dns_ip6[1];
+	ctx->user_ip6[2] = dns_ip6[2];
+	ctx->user_ip6[3] = dns_ip6[3];
+	ctx->user_port = (__u32)bpf_htons(dns_port6);
+	count(stat);
+	return 1;
+}
+
+/* connect4 of a socket that is not TCP: UDP DNS goes to ktproxy; other
+ * datagrams, and other stream protocols (MPTCP, SCTP), cannot be proxied. */
+static __always_inline int not_tcp_connect4(struct bpf_sock_addr *ctx)
+{
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	__u32 ip = unspecified_to_loopback4(ctx->user_ip4);
+
+	if (!datagram_wanted(ctx))
+		return 1;
+	if (ctx->type != SOCK_STREAM)
+		forget_server(ctx);
+	if (is_dns_query(ctx, port))
+		return dns_to_ktproxy4(ctx, ip, STAT_DNS_CONNECT);
+	if (ctx->type == SOCK_STREAM)
+		return unproxied_verdict(is_loopback4(ip), STAT_REFUSED_UNPROXYABLE,
+					 STAT_DIRECT_UNPROXYABLE);
+	return datagram_verdict(ctx, port, is_loopback4(ip));
+}
+
+static __always_inline int not_tcp_connect6(struct bpf_sock_addr *ctx)
+{
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	__u32 ip[4];
+
+	if (!datagram_wanted(ctx))
+		return 1;
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+	if (ctx->type != SOCK_STREAM)
+		forget_server(ctx);
+	if (is_dns_query(ctx, port))
+		return dns_to_ktproxy6(ctx, ip, STAT_DNS_CONNECT);
+	if (ctx->type == SOCK_STREAM)
+		return unproxied_verdict(is_loopback6(ip), STAT_REFUSED_UNPROXYABLE,
+					 STAT_DIRECT_UNPROXYABLE);
+	return datagram_verdict(ctx, port, is_loopback6(ip));
+}
+
+/* Unconnected UDP (sendto, sendmsg with an address). Runs for UDP and
+ * UDP-Lite only. */
+SEC("cgroup/sendmsg4")
+int ktproxy_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	__u32 ip = unspecified_to_loopback4(ctx->user_ip4);
+
+	if (!datagram_wanted(ctx))
+		return 1;
+	if (is_dns_query(ctx, port))
+		return dns_to_ktproxy4(ctx, ip, STAT_DNS_SENDMSG);
+	return datagram_verdict(ctx, port, is_loopback4(ip));
+}
+
+SEC("cgroup/sendmsg6")
+int ktproxy_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	__u32 ip[4];
+
+	if (!datagram_wanted(ctx))
+		return 1;
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+	if (is_dns_query(ctx, port))
+		return dns_to_ktproxy6(ctx, ip, STAT_DNS_SENDMSG);
+	return datagram_verdict(ctx, port, is_loopback6(ip));
+}
+
+/* recvfrom/recvmsg asking for the source address. The verifier allows these
+ * programs to return 1 only. */
+SEC("cgroup/recvmsg4")
+int ktproxy_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *dst;
+
+	if (!dns_port4 || ctx->user_ip4 != dns_ip4 ||
+	    bpf_ntohs((__u16)ctx->user_port) != dns_port4)
+		return 1;
+	dst = bpf_sk_storage_get(&client_dst, ctx->sk, 0, 0);
+	if (!dst || dst->family != AF_INET)
+		return 1;
+	ctx->user_ip4 = dst->ip[0];
+	ctx->user_port = (__u32)dst->port;
+	count(STAT_DNS_REPLY_SOURCE);
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int ktproxy_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *dst;
+	__u32 ip[4];
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	__u16 family;
+
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+	if (dns_port4 && port == dns_port4 && is_v4_mapped(ip) && ip[3] == dns_ip4)
+		family = AF_INET;
+	else if (dns_port6 && port == dns_port6 && ip[0] == dns_ip6[0] && ip[1] == dns_ip6[1] &&
+		 ip[2] == dns_ip6[2] && ip[3] == dns_ip6[3])
+		family = AF_INET6;
+	else
+		return 1;
+	dst = bpf_sk_storage_get(&client_dst, ctx->sk, 0, 0);
+	if (!dst || dst->family != family)
+		return 1;
+	if (family == AF_INET) {
+		ctx->user_ip6[3] = dst->ip[0];
+	} else {
+		ctx->user_ip6[0] = dst->ip[0];
+		ctx->user_ip6[1] = dst->ip[1];
+		ctx->user_ip6[2] = dst->ip[2];
+		ctx->user_ip6[3] = dst->ip[3];
+	}
+	ctx->user_port = (__u32)dst->port;
+	count(STAT_DNS_REPLY_SOURCE);
+	return 1;
+}
+
 SEC("cgroup/connect4")
 int ktproxy_connect4(struct bpf_sock_addr *ctx)
 {
@@ -471,16 +837,21 @@ int ktproxy_connect4(struct bpf_sock_addr *ctx)
 	int verdict;
 
 	forget_destination(ctx);
-	if (!listen_port4 || !socket_wanted(ctx))
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return not_tcp_connect4(ctx);
+	if (!socket_wanted(ctx))
 		return 1;
 	/* user_port holds the network-order port in its low 16 bits. */
 	port = bpf_ntohs((__u16)ctx->user_port);
 	dst.ip[0] = unspecified_to_loopback4(ctx->user_ip4);
+	if (!listen_port4)
+		return unproxyable4(dst.ip[0]);
 	if (dst.ip[0] == listen_ip4 && port == listen_port4) {
 		count(STAT_SKIPPED_TO_PROXY);
 		return 1;
 	}
-	if (!port_wanted(port) || !dest4_wanted(dst.ip[0])) {
+	if (!always_redirected4(dst.ip[0], port) &&
+	    (!port_wanted(port) || !dest4_wanted(dst.ip[0]))) {
 		count(STAT_SKIPPED_BY_RULE);
 		return 1;
 	}
@@ -505,6 +876,8 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 	int verdict;
 
 	forget_destination(ctx);
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return not_tcp_connect6(ctx);
 	if (!socket_wanted(ctx))
 		return 1;
 	port = bpf_ntohs((__u16)ctx->user_port);
@@ -519,12 +892,12 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 		__u32 ip4 = unspecified_to_loopback4(dst.ip[3]);
 
 		if (!listen_port4)
-			return 1;
+			return unproxyable4(ip4);
 		if (ip4 == listen_ip4 && port == listen_port4) {
 			count(STAT_SKIPPED_TO_PROXY);
 			return 1;
 		}
-		if (!port_wanted(port) || !dest4_wanted(ip4)) {
+		if (!always_redirected4(ip4, port) && (!port_wanted(port) || !dest4_wanted(ip4))) {
 			count(STAT_SKIPPED_BY_RULE);
 			return 1;
 		}
@@ -546,22 +919,24 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 	}
 
 	if (!listen_port6)
-		return 1;
+		return unproxied_verdict(is_loopback6(dst.ip), STAT_REFUSED_UNPROXYABLE,
+					 STAT_DIRECT_UNPROXYABLE);
 	/* :: means this host, as 0.0.0.0 does for IPv4. */
 	if (!(dst.ip[0] | dst.ip[1] | dst.ip[2] | dst.ip[3]))
 		dst.ip[3] = bpf_htonl(1);
 	/* Link-local destinations need the scope id (interface), which
 	 * bpf_sock_addr does not carry: the proxy could not dial them. */
 	if ((dst.ip[0] & bpf_htonl(0xffc00000)) == bpf_htonl(0xfe800000)) {
-		count(STAT_SKIPPED_BY_RULE);
-		return 1;
+		if (unproxied == UNPROXIED_PASS)
+			count(STAT_SKIPPED_BY_RULE);
+		return unproxied_verdict(0, STAT_REFUSED_UNPROXYABLE, STAT_DIRECT_UNPROXYABLE);
 	}
 	if (port == listen_port6 && dst.ip[0] == listen_ip6[0] && dst.ip[1] == listen_ip6[1] &&
 	    dst.ip[2] == listen_ip6[2] && dst.ip[3] == listen_ip6[3]) {
 		count(STAT_SKIPPED_TO_PROXY);
 		return 1;
 	}
-	if (!port_wanted(port) || !dest6_wanted(dst.ip)) {
+	if (!always_redirected6(port) && (!port_wanted(port) || !dest6_wanted(dst.ip))) {
 		count(STAT_SKIPPED_BY_RULE);
 		return 1;
 	}
@@ -864,7 +1239,7 @@ int ktproxy_getpeername6(struct bpf_sock_addr *ctx)
 	struct orig_dst *dst;
 
 	dst = bpf_sk_storage_get(&client_dst, ctx->sk, 0, 0);
-	if (!dst)
+	if (!dst || !dst->family)
 		return 1;
 	if (dst->family == AF_INET) {
 		ctx->user_ip6[0] = 0;

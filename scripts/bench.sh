@@ -17,6 +17,11 @@
 # Markdown table comes last, on stdout; progress and raw tool lines go to
 # stderr. Everything stays on 127.0.0.1; every step is bounded in time.
 #
+# DNS (ktproxy only, with --proxy-dns): `testclient dns-bench` in the cgroup
+# asks 127.0.0.153:53 (redirected to ktproxy's responder): A latency for a
+# cached name, queries/s with one responder thread, and the responder's
+# memory per name over 100,000 distinct names (2,000 with --smoke).
+#
 # Environment: KTPROXY_ARGS adds options to ktproxy's command line (e.g.
 # "-p 80,8000-9000"); BENCH_KEEP=1 keeps the temporary directory (configs, logs, raw
 # tool output) and prints its path.
@@ -52,11 +57,11 @@ fi
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
 if ((smoke)); then
-	runs=1 iperf_t=1 wrk_d=1 idle_n=50 idle_deadline=10 use_haproxy=0
+	runs=1 iperf_t=1 wrk_d=1 idle_n=50 idle_deadline=10 use_haproxy=0 dns_t=1 dns_names=2000
 elif ((quick)); then
-	runs=1 iperf_t=2 wrk_d=3 idle_n=1000 idle_deadline=30
+	runs=1 iperf_t=2 wrk_d=3 idle_n=1000 idle_deadline=30 dns_t=2 dns_names=100000
 else
-	runs=3 iperf_t=5 wrk_d=5 idle_n=5000 idle_deadline=60
+	runs=3 iperf_t=5 wrk_d=5 idle_n=5000 idle_deadline=60 dns_t=3 dns_names=100000
 fi
 
 log() { echo "bench: [${SECONDS}s] $*" >&2; }
@@ -241,12 +246,13 @@ cg=$cg_root/ktproxy-bench-$$
 
 have cargo || PATH="$PATH:$HOME/.cargo/bin"
 log "building ktproxy (cargo build --release)"
-if ! cargo build --release --quiet --manifest-path "$root/Cargo.toml" --bin ktproxy >"$tmp/build.log" 2>&1; then
+if ! cargo build --release --quiet --manifest-path "$root/Cargo.toml" --bin ktproxy --bin testclient >"$tmp/build.log" 2>&1; then
 	cat "$tmp/build.log" >&2
 	die "cargo build --release failed"
 fi
 ktproxy=${CARGO_TARGET_DIR:-$root/target}/release/ktproxy
 [[ -x $ktproxy ]] || die "no $ktproxy after the build"
+testclient=${CARGO_TARGET_DIR:-$root/target}/release/testclient
 
 # in_cg CMD...: runs CMD as a member of the benchmark cgroup (only this
 # subshell joins it; exec makes CMD that very process).
@@ -380,6 +386,7 @@ modes=(direct ktproxy)
 
 proxy_pid=
 prog_ids=
+proxy_extra=() # more ktproxy options for one phase (DNS)
 
 # port_for MODE BACKEND_PORT HAPROXY_PORT
 port_for() { if [[ $1 == haproxy ]]; then echo "$3"; else echo "$2"; fi; }
@@ -398,7 +405,7 @@ start_proxy() {
 	ktproxy)
 		set_bpf_stats_on
 		# shellcheck disable=SC2086 # KTPROXY_ARGS: words on purpose
-		"$ktproxy" -q -c "$cg" -l "127.0.0.1:$kt_port" ${KTPROXY_ARGS:-} >"$tmp/ktproxy.log" 2>&1 &
+		"$ktproxy" -q -c "$cg" -l "127.0.0.1:$kt_port" ${KTPROXY_ARGS:-} "${proxy_extra[@]}" >"$tmp/ktproxy.log" 2>&1 &
 		proxy_pid=$!
 		pids+=("$proxy_pid")
 		# With -q it prints nothing when ready: wait until connect4 is attached
@@ -649,6 +656,49 @@ run_wrk() {
 	fi
 }
 
+# ---- workload 7: DNS (ktproxy only) ----------------------------------------------------
+
+# The DNS rows need a ktproxy that answers DNS (issue 9).
+skip_dns=0
+"$ktproxy" --help 2>/dev/null | grep -q -- --proxy-dns || skip_dns=1
+
+# pss_kib PID
+pss_kib() { awk '/^Pss:/ {print $2}' "/proc/$1/smaps_rollup"; }
+
+run_dns() {
+	local run=$1 out line pss0 pss1 kept
+	out=$tmp/dns-$run.txt
+	# 127.0.0.153:53: nothing listens there, so an answer proves the redirect.
+	if ! in_cg timeout -k 5 $((dns_t + 60)) "$testclient" dns-bench 127.0.0.153:53 --seconds "$dns_t" \
+		>"$out" 2>&1; then
+		problems+=("run $run: DNS: $(tail -1 "$out")")
+		return 0
+	fi
+	line=$(tail -1 "$out")
+	log "run $run ktproxy $line"
+	[[ $line =~ p50_us=([0-9.]+)\ p99_us=([0-9.]+)\ qps=([0-9]+)\ lost=([0-9]+) ]] || {
+		problems+=("run $run: DNS: dns-bench said: $line")
+		return 0
+	}
+	record "$run" ktproxy dns_p50_us "${BASH_REMATCH[1]}"
+	record "$run" ktproxy dns_p99_us "${BASH_REMATCH[2]}"
+	record "$run" ktproxy dns_qps "${BASH_REMATCH[3]}"
+	record "$run" ktproxy dns_lost "${BASH_REMATCH[4]}"
+	# Memory: Pss growth while $dns_names distinct names go through a table
+	# that keeps 65,536 of them.
+	pss0=$(pss_kib "$proxy_pid")
+	if ! in_cg timeout -k 5 $((dns_names / 1000 + 60)) "$testclient" dns-bench 127.0.0.153:53 --seconds 0 \
+		--names "$dns_names" >"$out" 2>&1; then
+		problems+=("run $run: DNS names: $(tail -1 "$out")")
+		return 0
+	fi
+	pss1=$(pss_kib "$proxy_pid")
+	kept=$((dns_names < 65536 ? dns_names : 65536))
+	log "run $run ktproxy DNS $(tail -1 "$out"); Pss ${pss0}->${pss1} KiB"
+	record "$run" ktproxy dns_bytes_per_name "$(calc "($pss1 - $pss0) * 1024 / $kept")"
+	record "$run" ktproxy dns_pss_kib "$(calc "$pss1 - $pss0")"
+}
+
 # ---- the runs ---------------------------------------------------------------------------
 
 # modes_for RUN: the modes, rotated by the run number, so no mode always
@@ -662,6 +712,7 @@ nginx_note="nginx: 1 worker"
 ((skip_wrk)) && echo "SKIP: new connections/s and keep-alive rows: wrk or nginx is not installed"
 ((skip_iperf)) && echo "SKIP: iperf3 rows: iperf3 is not installed"
 ((skip_bpf)) && echo "SKIP: BPF run-time rows: bpftool is not installed"
+((skip_dns)) && echo "SKIP: DNS rows: this ktproxy has no --proxy-dns"
 
 log "modes: ${modes[*]}; $runs run(s); iperf3 ${iperf_t}s, wrk ${wrk_d}s, $idle_n idle connections; cgroup $cg"
 started=$SECONDS
@@ -691,6 +742,16 @@ for ((run = 1; run <= runs; run++)); do
 		stop_proxy "$mode" "$run"
 	done
 done
+# Phase 3: DNS, ktproxy only.
+if ((!skip_dns)); then
+	proxy_extra=(--proxy-dns)
+	for ((run = 1; run <= runs; run++)); do
+		start_proxy ktproxy "$run" || continue
+		run_dns "$run"
+		stop_proxy ktproxy "$run"
+	done
+	proxy_extra=()
+fi
 log "done in $((SECONDS - started)) s"
 
 # ---- the table -----------------------------------------------------------------------------

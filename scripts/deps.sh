@@ -7,16 +7,17 @@ set -euo pipefail
 
 # gcc is not in the usual list but is needed: rustc links through `cc`.
 # The second line: real peers the end-to-end tests talk to (SOCKS5 and HTTP
-# CONNECT proxies, a statically linked wget). The third: the man page check
-# (groff), the Debian package (scripts/package.sh: dpkg-shlibdeps), the
-# security tests' firewall rules (nft) and `ps` as another user.
+# CONNECT proxies, a statically linked wget and nslookup, dig). The third: the
+# man page check (groff), the Debian package (scripts/package.sh:
+# dpkg-shlibdeps), the security tests' firewall rules (nft) and `ps` as
+# another user.
 debian_pkgs=(clang llvm gcc libc6-dev make pkg-config libelf-dev zlib1g-dev
 	linux-libc-dev curl ca-certificates netcat-openbsd iproute2 python3
-	microsocks tinyproxy busybox-static
+	microsocks tinyproxy busybox-static dnsutils
 	groff-base dpkg-dev nftables procps)
 fedora_pkgs=(clang llvm gcc make pkgconf-pkg-config elfutils-libelf-devel
 	zlib-devel kernel-headers bpftool curl nmap-ncat iproute python3
-	microsocks tinyproxy busybox
+	microsocks tinyproxy busybox bind-utils
 	groff-base nftables procps-ng)
 
 say() { echo "deps.sh: $*" >&2; }

@@ -11,7 +11,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use libbpf_rs::libbpf_sys;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, PrintLevel, ProgramMut};
 
-use crate::cli::Config;
+use crate::cli::{Config, Unproxied};
 use crate::error::{Context, Error, Result};
 use crate::preflight;
 use crate::rules::{Cidr, PortSet, Rules};
@@ -46,6 +46,30 @@ pub struct KernelConfig<'a> {
     listen6: Option<SocketAddrV6>,
     ports: Option<&'a PortSet>,
     rules: &'a Rules,
+    names: NamesKernel,
+}
+
+/// Names through the proxy, as the kernel sees them: where DNS goes, the
+/// fake range, and what becomes of what ktproxy cannot carry.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NamesKernel {
+    /// DNS interception is on.
+    pub dns: bool,
+    /// The DNS sockets, IPv4 and IPv6 (None: that family's queries cannot
+    /// be answered).
+    pub dns4: Option<SocketAddrV4>,
+    pub dns6: Option<SocketAddrV6>,
+    /// The fake range (network, prefix length): always redirected.
+    pub fake: Option<(Ipv4Addr, u8)>,
+    pub unproxied: Unproxied,
+}
+
+impl NamesKernel {
+    /// The UDP programs (sendmsg, recvmsg) are attached only when they
+    /// have something to do: an unconnected UDP send pays for them.
+    fn needs_udp_programs(&self) -> bool {
+        self.dns || self.unproxied != Unproxied::Pass
+    }
 }
 
 impl<'a> KernelConfig<'a> {
@@ -77,7 +101,17 @@ impl<'a> KernelConfig<'a> {
             }),
             ports: cfg.ports.as_ref(),
             rules: &cfg.rules,
+            names: NamesKernel {
+                unproxied: cfg.names.unproxied,
+                ..NamesKernel::default()
+            },
         }
+    }
+
+    /// With the DNS sockets bound and the fake range known.
+    pub fn with_names(mut self, names: NamesKernel) -> KernelConfig<'a> {
+        self.names = names;
+        self
     }
 }
 
@@ -119,6 +153,15 @@ const STATS: [(stat, &str); stat::STAT_MAX.0 as usize] = stat_names![
     STAT_GUARD_REFUSED => "guard_refused",
     STAT_SKIPPED_UPSTREAM => "skipped_upstream",
     STAT_LOOP => "loop",
+    STAT_DNS_CONNECT => "dns_connect",
+    STAT_DNS_SENDMSG => "dns_sendmsg",
+    STAT_DNS_REPLY_SOURCE => "dns_reply_source",
+    STAT_DNS_TCP => "dns_tcp",
+    STAT_FAKE_REDIRECTED => "fake_redirected",
+    STAT_REFUSED_UDP => "refused_udp",
+    STAT_REFUSED_UNPROXYABLE => "refused_unproxyable",
+    STAT_DIRECT_UDP => "direct_udp",
+    STAT_DIRECT_UNPROXYABLE => "direct_unproxyable",
 ];
 
 // Entry i is enumerator i: with the size, every counter is named exactly once.
@@ -182,6 +225,9 @@ pub struct Redirect {
     intercepted_id: u64,
     guard: Option<Guard>,
     heartbeat: Heartbeat,
+    /// The DNS and UDP-refusal programs (sendmsg, recvmsg) are loaded and
+    /// attached with the client side.
+    udp: bool,
 }
 
 impl Redirect {
@@ -211,6 +257,7 @@ impl Redirect {
             intercepted_id: 0,
             guard: None,
             heartbeat,
+            udp: cfg.names.needs_udp_programs(),
         };
         r.exempt(std::process::id(), Exempt::Proxy)?;
         let own_fd = open_dir(own)?;
@@ -231,13 +278,22 @@ impl Redirect {
             .with_context(|| format!("cgroup {}", cgroup.display()))?
             .ino();
         let p = &self.skel.progs;
-        let plan = [
-            &p.ktproxy_sockops_client,
-            &p.ktproxy_getpeername4,
-            &p.ktproxy_getpeername6,
-            &p.ktproxy_connect6,
-            &p.ktproxy_connect4,
-        ];
+        // Replies are shown from the server asked before any query is sent
+        // to ktproxy, and queries are redirected before connect is.
+        let plan: Vec<_> = [
+            (&p.ktproxy_sockops_client, true),
+            (&p.ktproxy_getpeername4, true),
+            (&p.ktproxy_getpeername6, true),
+            (&p.ktproxy_recvmsg4, self.udp),
+            (&p.ktproxy_recvmsg6, self.udp),
+            (&p.ktproxy_sendmsg4, self.udp),
+            (&p.ktproxy_sendmsg6, self.udp),
+            (&p.ktproxy_connect6, true),
+            (&p.ktproxy_connect4, true),
+        ]
+        .into_iter()
+        .filter_map(|(prog, wanted)| wanted.then_some(prog))
+        .collect();
         let links = attach_all(&plan, &fd, cgroup)?;
         self.links.extend(links);
         self.intercepted = cgroup.to_path_buf();
@@ -589,6 +645,25 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
         ro.listen_ip6 = ip6_words(a.ip());
         ro.listen_port6 = a.port();
     }
+    let n = &cfg.names;
+    ro.dns_on = u8::from(n.dns);
+    if let Some(a) = n.dns4 {
+        ro.dns_ip4 = u32::from_ne_bytes(a.ip().octets());
+        ro.dns_port4 = a.port();
+    }
+    if let Some(a) = n.dns6 {
+        ro.dns_ip6 = ip6_words(a.ip());
+        ro.dns_port6 = a.port();
+    }
+    if let Some((net, len)) = n.fake {
+        (ro.fake_net4, ro.fake_mask4) = fake_range(net, len);
+    }
+    ro.unproxied = match n.unproxied {
+        // enum UNPROXIED_* in the C file.
+        Unproxied::Pass => 0,
+        Unproxied::Refuse => 1,
+        Unproxied::PassCounted => 2,
+    };
     if let Some(ports) = cfg.ports {
         ro.port_filter = 1;
         ro.port_bits = *ports.bits();
@@ -606,6 +681,17 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
         &mut open.progs.ktproxy_guard6,
     ] {
         guard.set_autoload(cfg.fail_closed);
+    }
+    // Unneeded UDP programs are not even loaded: four descriptors fewer.
+    let udp = cfg.names.needs_udp_programs();
+    let p = &mut open.progs;
+    for prog in [
+        &mut p.ktproxy_sendmsg4,
+        &mut p.ktproxy_sendmsg6,
+        &mut p.ktproxy_recvmsg4,
+        &mut p.ktproxy_recvmsg6,
+    ] {
+        prog.set_autoload(udp);
     }
 
     // LPM tries are sized to their rules (an empty map is not allowed).
@@ -663,6 +749,19 @@ fn lpm_keys(cidrs: &[Cidr]) -> (Vec<lpm4_key>, Vec<lpm6_key>) {
         }
     }
     (v4, v6)
+}
+
+/// (network, mask) of a fake range, both in network byte order as the
+/// programs compare them; a /0 would be everything and is never given.
+fn fake_range(net: Ipv4Addr, len: u8) -> (u32, u32) {
+    let mask = u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0);
+    let net = u32::from(net) & mask;
+    (
+        u32::from_ne_bytes(net.to_be_bytes()),
+        u32::from_ne_bytes(mask.to_be_bytes()),
+    )
 }
 
 /// A type generated from the C file that the kernel gets as raw bytes.
@@ -898,6 +997,30 @@ libbpf: failed to load object 'ktproxy_bpf'
     }
 
     #[test]
+    fn fake_range_is_network_and_mask_in_network_byte_order() {
+        let (net, mask) = fake_range(Ipv4Addr::new(198, 18, 0, 0), 15);
+        assert_eq!(net.to_ne_bytes(), [198, 18, 0, 0]);
+        assert_eq!(mask.to_ne_bytes(), [255, 254, 0, 0]);
+        let (net, mask) = fake_range(Ipv4Addr::new(10, 1, 2, 3), 24);
+        assert_eq!(net.to_ne_bytes(), [10, 1, 2, 0], "host bits are cleared");
+        assert_eq!(mask.to_ne_bytes(), [255, 255, 255, 0]);
+        assert_eq!(fake_range(Ipv4Addr::new(1, 2, 3, 4), 32).1, u32::MAX);
+    }
+
+    #[test]
+    fn udp_programs_are_attached_only_when_they_have_work() {
+        let off = NamesKernel::default();
+        assert!(!off.needs_udp_programs());
+        let dns = NamesKernel { dns: true, ..off };
+        assert!(dns.needs_udp_programs());
+        let refuse = NamesKernel {
+            unproxied: Unproxied::Refuse,
+            ..off
+        };
+        assert!(refuse.needs_udp_programs());
+    }
+
+    #[test]
     fn counters_are_logged_under_their_enumerators_names_in_enum_order() {
         let values: [u64; STATS.len()] = std::array::from_fn(|i| i as u64 * 10);
         assert_eq!(
@@ -905,7 +1028,10 @@ libbpf: failed to load object 'ktproxy_bpf'
             "redirected=0 skipped_proxy_own=10 skipped_other_netns=20 skipped_by_rule=30 \
              skipped_to_proxy=40 no_socket_storage=50 flows_published=60 flows_claimed=70 \
              original_dst_answered=80 bound_to_device=90 kernel_socket=100 mptcp_subflow=110 \
-             stale=120 refused=130 guard_refused=140 skipped_upstream=150 loop=160"
+             stale=120 refused=130 guard_refused=140 skipped_upstream=150 loop=160 \
+             dns_connect=170 dns_sendmsg=180 dns_reply_source=190 dns_tcp=200 \
+             fake_redirected=210 refused_udp=220 refused_unproxyable=230 direct_udp=240 \
+             direct_unproxyable=250"
         );
     }
 

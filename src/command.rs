@@ -28,6 +28,7 @@ use nix::unistd::{Gid, Pid, Uid, User};
 
 use crate::cgroup::CommandCgroup;
 use crate::error::{io_text, Context, Error, Result};
+use crate::nss;
 use crate::pty::{Pty, Relay};
 use crate::secret::UPSTREAM_ENV;
 
@@ -122,6 +123,9 @@ pub struct Launch<'a> {
     pub preserve_env: &'a [String],
     /// --env NAME=VALUE.
     pub set_env: &'a [(String, String)],
+    /// A private name-service view (nss.rs): nsswitch.conf without daemon
+    /// resolvers, no nscd socket.
+    pub nss: Option<&'a nss::View>,
 }
 
 /// COMMAND, once started.
@@ -161,12 +165,13 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, launch: &Launch) -> Result
     let tty = pty.as_ref().map(Pty::for_child);
     let (nofile, memlock) = (launch.limits.nofile, launch.limits.memlock);
     let ktproxy_pid = nix::unistd::getpid().as_raw();
+    let nss = launch.nss.map(nss::View::mounts);
     // SAFETY: the closure runs between fork and exec and makes only
-    // async-signal-safe calls (write, setrlimit, setsid, ioctl, dup2,
-    // setgroups, setgid, setuid, prctl, getppid, pthread_sigmask) on data
-    // prepared before the fork. They stay raw libc so that this can be
-    // checked call by call against signal-safety(7), with nothing in between
-    // that might allocate.
+    // async-signal-safe calls (write, setrlimit, unshare, mount, setsid,
+    // ioctl, dup2, setgroups, setgid, setuid, prctl, getppid,
+    // pthread_sigmask) on data prepared before the fork. They stay raw libc
+    // so that this can be checked call by call against signal-safety(7),
+    // with nothing in between that might allocate.
     unsafe {
         cmd.pre_exec(move || {
             // "0" means the writing process itself.
@@ -195,6 +200,10 @@ pub fn spawn(argv: &[String], cgroup: &CommandCgroup, launch: &Launch) -> Result
                         return Err(io::Error::last_os_error());
                     }
                 }
+            }
+            // Needs CAP_SYS_ADMIN: before any --user switch.
+            if let Some(mounts) = &nss {
+                mounts.apply()?;
             }
             if let Some((uid, gid, groups)) = &creds {
                 // Groups first: after setuid we could no longer change them.

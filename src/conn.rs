@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 
 use crate::error::io_text;
+use crate::names::{self, Dns, Route};
 use crate::pipes::{PipePool, COPY_ONLY_ENV};
 use crate::relay::relay;
 use crate::sys::{self, Egress, Origin};
-use crate::upstream::Upstream;
+use crate::upstream::{Target, Upstream};
 
 /// What every connection thread shares.
 pub struct Shared {
@@ -29,6 +30,8 @@ pub struct Shared {
     as_client: bool,
     own_ids: (libc::uid_t, libc::gid_t),
     next_id: AtomicU64,
+    /// DNS interception, when on: fake addresses and DNS over TCP.
+    names: Option<Dns>,
 }
 
 impl Shared {
@@ -64,6 +67,7 @@ impl Shared {
                 nix::unistd::getegid().as_raw(),
             ),
             next_id: AtomicU64::new(1),
+            names: None,
         }
     }
 
@@ -76,6 +80,11 @@ impl Shared {
             owner: (self.as_client && ids != self.own_ids).then_some(ids),
             mark: self.mark,
         }
+    }
+
+    pub fn with_names(mut self, names: Option<Dns>) -> Shared {
+        self.names = names;
+        self
     }
 
     fn is_proxy(&self, dst: &SocketAddr) -> bool {
@@ -160,26 +169,68 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
         return;
     }
 
-    let target = match &shared.upstream {
-        None => {
-            info!("#{id} Connecting to target {dst}");
-            sys::dial_as(&dst, shared.connect_timeout, egress).map_err(|e| {
+    // A fake address stands for a name, pinned to it until we are done.
+    let pinned = match shared.names.as_ref().map_or(Route::Addr, |n| n.route(&dst)) {
+        Route::Addr => None,
+        Route::Name(p) => Some(p),
+        Route::Dns => {
+            if let Some(n) = &shared.names {
+                answer_dns(id, n, &client, peer, dst);
+            }
+            return;
+        }
+        Route::Unknown => {
+            warn!(
+                "#{id} {peer} dialed {dst}, a fake address that stands for no name (ktproxy \
+                 restarted, or the client kept the address past its TTL); resetting it, not \
+                 dialing"
+            );
+            reset(&client);
+            return;
+        }
+    };
+    let target = match &pinned {
+        None => Target::Addr(dst),
+        Some(p) => match Target::name(p.name(), dst.port()) {
+            Ok(t) => t,
+            Err(why) => {
+                warn!("#{id} {peer} dialed {dst}: {why}; resetting the client");
+                reset(&client);
+                return;
+            }
+        },
+    };
+    // Names show as "example.com:443 (198.18.0.7)" where they are dialed,
+    // and as "example.com:443" in the lines after.
+    let (shown, dst) = match target {
+        Target::Name(..) => (format!("{target} ({})", dst.ip()), target.to_string()),
+        Target::Addr(_) => (dst.to_string(), dst.to_string()),
+    };
+
+    let target = match (&shared.upstream, target) {
+        (None, Target::Addr(addr)) => {
+            info!("#{id} Connecting to target {shown}");
+            sys::dial_as(&addr, shared.connect_timeout, egress).map_err(|e| {
                 if sys::out_of_descriptors(&e) {
                     shared.pipes.release_all();
                 }
                 io_text(&e)
             })
         }
-        Some(up) => {
-            info!("#{id} Connecting to target {dst} via {}", up.display());
-            through_upstream(up, dst, shared.connect_timeout, egress)
+        (None, Target::Name(name, port)) => {
+            info!("#{id} Connecting to target {shown}");
+            dial_name(shared, id, name, port, egress)
+        }
+        (Some(up), target) => {
+            info!("#{id} Connecting to target {shown} via {}", up.display());
+            through_upstream(up, target, shared.connect_timeout, egress)
         }
     };
     let target = match target {
         Ok(t) => t,
         Err(why) => {
             warn!(
-                "#{id} connecting to {dst} for {peer} (uid {}) failed: {why}; resetting the client",
+                "#{id} connecting to {shown} for {peer} (uid {}) failed: {why}; resetting the client",
                 origin.uid
             );
             reset(&client);
@@ -210,12 +261,51 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
     }
 }
 
+/// DNS over TCP (any server, port 53) is answered by ktproxy itself.
+fn answer_dns(id: u64, names: &Dns, client: &TcpStream, peer: SocketAddr, dst: SocketAddr) {
+    info!("#{id} DNS over TCP from {peer} to {dst}: answered by ktproxy");
+    if let Err(e) = names.serve_tcp(client) {
+        warn!("#{id} DNS over TCP from {peer}: {}", io_text(&e));
+    }
+}
+
+/// No upstream: ktproxy resolves the name itself (from its own cgroup) and
+/// dials the addresses in turn.
+fn dial_name(
+    shared: &Shared,
+    id: u64,
+    name: &str,
+    port: u16,
+    egress: Egress,
+) -> Result<TcpStream, String> {
+    let addrs =
+        names::resolve(name, port).map_err(|e| format!("resolving {name}: {}", io_text(&e)))?;
+    let mut last = String::new();
+    for addr in addrs {
+        if shared.is_proxy(&addr) {
+            last = format!("{name} resolves to the proxy itself ({addr})");
+            continue;
+        }
+        info!("#{id} {name} resolved to {addr}");
+        match sys::dial_as(&addr, shared.connect_timeout, egress) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                if sys::out_of_descriptors(&e) {
+                    shared.pipes.release_all();
+                }
+                last = format!("{addr}: {}", io_text(&e));
+            }
+        }
+    }
+    Err(last)
+}
+
 /// Dials the upstream proxy and has it connect to `dst`. The handshake is
 /// plain blocking I/O with timeouts; the tunnel then goes back to
 /// non-blocking for the relay.
-fn through_upstream(
+pub fn through_upstream(
     up: &Upstream,
-    dst: SocketAddr,
+    dst: Target,
     timeout: Duration,
     egress: Egress,
 ) -> Result<TcpStream, String> {

@@ -10,7 +10,8 @@
 //! |---|---|
 //! | `ktproxy ready: listening on A and B, intercepting ..., ... (own cgroup P; room for ...)` | `run` in src/main.rs |
 //! | `detached; kernel counters: name=N name=N ...` | `run` in src/main.rs |
-//! | `#ID Connecting to target D` and `... via URL` | `serve` in src/conn.rs |
+//! | `#ID Connecting to target D` and `... via URL`; for a fake address D is `NAME:PORT (FAKE_IP)` | `serve` in src/conn.rs |
+//! | `#ID DNS over TCP from C to D: answered by ktproxy` | `answer_dns` in src/conn.rs |
 //! | `#ID Connection closed, from C to D: N bytes sent, M bytes received, S s` | `serve` in src/conn.rs |
 //! | `#ID Connection reset, from C to D: WHY (N bytes sent, M bytes received, S s)` | `serve` in src/conn.rs |
 //! | `N log line(s) dropped: ...` after a gap, `N log line(s) dropped in all: ...` at exit | src/logging.rs, with [`dropped_lines`] |
@@ -82,7 +83,8 @@ pub fn byte_counts(line: &str) -> Option<(u64, u64)> {
     Some((before("sent")?, before("received")?))
 }
 
-/// The destinations of a log's `Connecting to target D` lines, in order.
+/// The destinations of a log's `Connecting to target D` lines, in order
+/// (`example.com:443` for a name, without the fake address after it).
 pub fn targets(log: &str) -> Vec<String> {
     log.lines()
         .filter_map(|l| l.split_once("Connecting to target ").map(|(_, t)| t))

@@ -13,10 +13,13 @@ mod cgroup;
 mod cli;
 mod command;
 mod conn;
+mod dns;
 mod instances;
 mod logging;
 mod loops;
+mod names;
 mod notify;
+mod nss;
 mod pipes;
 mod preflight;
 mod pty;
@@ -114,15 +117,20 @@ fn run(cfg: Config) -> Result<i32> {
     let listeners = bind_listeners(&cfg)?;
     let bound = local_addrs(&listeners)?;
     let netns_cookie = netns_cookie(&listeners)?;
-    let kernel = bpf::KernelConfig::new(&cfg, own.id(), netns_cookie, &bound);
+    let dns = names::start(&cfg, &bound)?;
+    let kernel = bpf::KernelConfig::new(&cfg, own.id(), netns_cookie, &bound)
+        .with_names(names::kernel(&cfg, dns.as_ref()));
     let redirect = bpf::Redirect::start(&kernel, &intercepted, own.path())?;
     let upstream = upstream_owners(&cfg, &root, &intercepted, kernel.fail_closed(), &redirect);
-    let shared = Arc::new(conn::Shared::new(
-        bound.clone(),
-        cfg.connect_timeout,
-        cfg.upstream.clone(),
-        cfg.mark,
-    ));
+    let shared = Arc::new(
+        conn::Shared::new(
+            bound.clone(),
+            cfg.connect_timeout,
+            cfg.upstream.clone(),
+            cfg.mark,
+        )
+        .with_names(dns),
+    );
     let mut acceptors = Vec::new();
     for l in listeners {
         acceptors.push(server::start(l, Arc::clone(&shared), redirect.heartbeat())?);
@@ -149,8 +157,9 @@ fn run(cfg: Config) -> Result<i32> {
                 limits: &caller_limits,
                 preserve_env: &cfg.preserve_env,
                 set_env: &cfg.set_env,
+                nss: None,
             };
-            run_command(&cfg.command, cg, &launch, &signals)?
+            run_command(&cfg.command, cg, launch, &signals, cfg.names.dns)?
         }
         None => wait_for_signal(&signals)?,
     };
@@ -309,10 +318,23 @@ fn log_ready(
 fn run_command(
     argv: &[String],
     cgroup: &cgroup::CommandCgroup,
-    launch: &command::Launch,
+    launch: command::Launch,
     signals: &SigSet,
+    names: bool,
 ) -> Result<i32> {
-    let child = command::spawn(argv, cgroup, launch)?;
+    // With names on, COMMAND's names must leave as DNS packets (src/nss.rs).
+    // The view's files may go once COMMAND runs: spawn returns after exec.
+    let child = {
+        let nss = if names { nss::prepare()? } else { None };
+        command::spawn(
+            argv,
+            cgroup,
+            &command::Launch {
+                nss: nss.as_ref(),
+                ..launch
+            },
+        )?
+    };
     let code = command::supervise(child, cgroup, signals)?;
     info!("COMMAND exited with status {code}: shutting down");
     Ok(code)

@@ -57,6 +57,27 @@ fn parse_tag(tag: &str) -> Option<Opt> {
     (!opt.long.is_empty()).then_some(opt)
 }
 
+/// `-c, --cgroup PATH  intercept ...` into the tag and the description.
+/// Usually two or more blanks part them, but a tag that ends at column 23
+/// is followed by one only: so the tag is read by its shape (an optional
+/// `-x,`, `--name`, an optional argument hint without lower-case letters).
+fn split_tag(body: &str) -> (&str, &str) {
+    let mut end = 0;
+    let mut rest = body;
+    let mut take = |pred: &dyn Fn(&str) -> bool| {
+        let trimmed = rest.trim_start();
+        let word = trimmed.split(' ').next().unwrap_or("");
+        if !word.is_empty() && pred(word) {
+            end += rest.len() - trimmed.len() + word.len();
+            rest = &trimmed[word.len()..];
+        }
+    };
+    take(&|w| w.len() == 3 && w.starts_with('-') && w.ends_with(','));
+    take(&|w| w.starts_with("--"));
+    take(&|w| !w.chars().any(|c| c.is_ascii_lowercase()));
+    (&body[..end], body[end..].trim())
+}
+
 /// The options of `ktproxy --help` (getopts' layout: names at indent 4 or
 /// 8, descriptions from column 24, continued on lines of their own).
 fn help_options() -> Vec<Opt> {
@@ -72,7 +93,7 @@ fn help_options() -> Vec<Opt> {
     for line in lines {
         let body = line.trim_start();
         if body.starts_with('-') && line.len() - body.len() <= 8 {
-            let (tag, desc) = body.split_once("  ").unwrap_or((body, ""));
+            let (tag, desc) = split_tag(body);
             let mut opt = parse_tag(tag).unwrap_or_else(|| panic!("cannot read {line:?}"));
             opt.text = desc.trim().to_string();
             opts.push(opt);

@@ -104,6 +104,12 @@ METRICS = [
     ("idle_failures", "idle connections that failed to establish (sum of runs)", 0, False, "sum"),
     ("idle_secs", "seconds to establish all idle connections", 2, True, "median"),
     ("bpf_total_ns_per_conn", "BPF programs, total run time per new connection (ns)", 0, False, "median"),
+    ("dns_p50_us", "DNS: A for a cached name, latency p50 (µs, sequential)", 1, False, "median"),
+    ("dns_p99_us", "↳ latency p99 (µs)", 1, False, "median"),
+    ("dns_qps", "DNS: A queries/s, one responder thread (16 in flight)", 0, False, "median"),
+    ("dns_lost", "↳ queries without a reply (sum of runs)", 0, False, "sum"),
+    ("dns_pss_kib", "DNS: responder Pss growth over the distinct names (KiB)", 0, False, "median"),
+    ("dns_bytes_per_name", "↳ per name kept (table of 65,536; bytes)", 0, False, "median"),
 ]
 
 

@@ -1,9 +1,9 @@
 //! HTTP CONNECT (RFC 9110 9.3.6), with Basic proxy authentication.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 
-use super::{AuthFailure, Credentials, Failure, HttpStatus, Refusal, Violation};
+use super::{AuthFailure, Credentials, Failure, HttpStatus, Refusal, Target, Violation};
 
 /// Real CONNECT response heads are a few hundred bytes; more than this means
 /// the peer is broken or not a proxy, and the head must not grow unbounded.
@@ -14,7 +14,7 @@ pub(super) const MAX_HEAD: usize = 16 * 1024;
 pub(super) fn handshake(
     s: &mut TcpStream,
     creds: Option<&Credentials>,
-    dst: SocketAddr,
+    dst: Target,
 ) -> Result<(), Failure> {
     s.write_all(connect_request(creds, dst).as_bytes())?;
 
@@ -42,12 +42,10 @@ pub(super) fn handshake(
 }
 
 /// The request head, blank line included.
-fn connect_request(creds: Option<&Credentials>, dst: SocketAddr) -> String {
-    // Not SocketAddrV6's Display: a zone id means nothing to the proxy.
-    let target = match dst {
-        SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
-        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
-    };
+/// The target is `1.2.3.4:443`, `[2001:db8::1]:443` or `example.com:443`
+/// (Target's Display), in the request line and in Host.
+fn connect_request(creds: Option<&Credentials>, dst: Target) -> String {
+    let target = dst.to_string();
     let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
     if let Some(creds) = creds {
         let mut pair = creds.user.clone();
@@ -213,8 +211,21 @@ mod tests {
     }
 
     #[test]
+    fn http_connect_asks_for_a_name_in_the_request_line_and_host() {
+        let dst = Target::name("secret.test", 8443).unwrap();
+        let (r, _, _) = run("http://", dst, |mut s| {
+            assert_eq!(
+                read_request_head(&mut s),
+                "CONNECT secret.test:8443 HTTP/1.1\r\nHost: secret.test:8443\r\n\r\n"
+            );
+            s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        });
+        assert_eq!(r, Ok(()));
+    }
+
+    #[test]
     fn http_connect_without_credentials_sends_no_authorization() {
-        let dst: SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        let dst: std::net::SocketAddr = "[2001:db8::1]:80".parse().unwrap();
         let (r, _, _) = run("http://", dst, |mut s| {
             assert_eq!(
                 read_request_head(&mut s),

@@ -99,8 +99,15 @@ impl Upstream {
     /// Asks the proxy, over `stream` (connected to `addr()`, blocking, with
     /// the caller's timeouts), to connect to `dst`. On success the stream is
     /// a raw tunnel to `dst` and nothing past the proxy's reply was read.
-    pub fn handshake(&self, stream: &mut TcpStream, dst: SocketAddr) -> Result<(), HandshakeError> {
-        let dst = unmap(dst);
+    pub fn handshake<'a>(
+        &self,
+        stream: &mut TcpStream,
+        dst: impl Into<Target<'a>>,
+    ) -> Result<(), HandshakeError> {
+        let dst = match dst.into() {
+            Target::Addr(a) => Target::Addr(unmap(a)),
+            name => name,
+        };
         let creds = self.creds.as_ref();
         match self.kind {
             Kind::Socks5 => socks5::handshake(stream, creds, dst),
@@ -111,6 +118,59 @@ impl Upstream {
             addr: self.addr,
             failure,
         })
+    }
+}
+
+/// What the upstream is asked to connect to: an address, or a name that the
+/// proxy resolves itself (SOCKS5 ATYP 3, HTTP `CONNECT name:port`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    Addr(SocketAddr),
+    Name(&'a str, u16),
+}
+
+/// SOCKS5 gives a name one length byte.
+pub const MAX_NAME: usize = 255;
+
+impl<'a> Target<'a> {
+    /// A host name for the upstream: at most 255 bytes of letters, digits,
+    /// '-', '_' and '.'. Anything else could not be carried by SOCKS5 or
+    /// would inject into the HTTP request line, and no DNS name needs it.
+    pub fn name(name: &'a str, port: u16) -> Result<Target<'a>, String> {
+        if name.len() > MAX_NAME {
+            return Err(format!(
+                "the name {}... is {} bytes long: SOCKS5 and DNS names carry at most {MAX_NAME}",
+                name.chars().take(40).collect::<String>().escape_debug(),
+                name.len()
+            ));
+        }
+        let bad = |b: u8| !(b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if name.is_empty() || name.bytes().any(bad) {
+            return Err(format!(
+                "the name '{}' has characters a proxy request cannot carry",
+                name.escape_debug()
+            ));
+        }
+        Ok(Target::Name(name, port))
+    }
+}
+
+impl From<SocketAddr> for Target<'_> {
+    fn from(a: SocketAddr) -> Self {
+        Target::Addr(a)
+    }
+}
+
+impl fmt::Display for Target<'_> {
+    /// `1.2.3.4:443`, `[2001:db8::1]:443` or `example.com:443`: what the
+    /// logs show and what HTTP CONNECT asks for (no IPv6 zone id, which
+    /// means nothing to the proxy).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Addr(SocketAddr::V4(a)) => write!(f, "{}:{}", a.ip(), a.port()),
+            Target::Addr(SocketAddr::V6(a)) => write!(f, "[{}]:{}", a.ip(), a.port()),
+            Target::Name(name, port) => write!(f, "{name}:{port}"),
+        }
     }
 }
 
@@ -370,7 +430,7 @@ mod mock {
     /// what followed the reply.
     pub(super) fn run(
         url_prefix: &str,
-        dst: SocketAddr,
+        dst: impl Into<super::Target<'static>>,
         script: impl FnOnce(TcpStream) + Send + 'static,
     ) -> (Result<(), String>, TcpStream, Upstream) {
         let (addr, h) = mock(script);
@@ -378,7 +438,7 @@ mod mock {
         let mut s = TcpStream::connect(up.addr()).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         s.set_write_timeout(Some(WAIT)).unwrap();
-        let r = up.handshake(&mut s, dst).map_err(|e| e.to_string());
+        let r = up.handshake(&mut s, dst.into()).map_err(|e| e.to_string());
         join(h);
         (r, s, up)
     }
@@ -403,5 +463,63 @@ mod mock {
         let mut rest = Vec::new();
         s.read_to_end(&mut rest).unwrap();
         rest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_up_to_255_bytes_of_hostname_characters_are_targets() {
+        assert_eq!(
+            Target::name("secret.test", 443),
+            Ok(Target::Name("secret.test", 443))
+        );
+        let long = "a".repeat(255);
+        assert!(Target::name(&long, 80).is_ok());
+        assert_eq!(
+            Target::name("_srv.x-y.onion", 1).unwrap().to_string(),
+            "_srv.x-y.onion:1"
+        );
+    }
+
+    #[test]
+    fn names_over_255_bytes_get_an_error_naming_the_length() {
+        let long = "a".repeat(256);
+        let e = Target::name(&long, 80).unwrap_err();
+        assert!(
+            e.contains("256 bytes long") && e.contains("at most 255"),
+            "{e}"
+        );
+        assert!(e.len() < 200, "the name is shortened: {e}");
+    }
+
+    #[test]
+    fn names_that_would_inject_into_a_request_are_refused() {
+        for bad in [
+            "",
+            "a b",
+            "a\r\nHost: x",
+            "a:1",
+            "a/b",
+            "a@b",
+            "[::1]",
+            "é.test",
+        ] {
+            let e = Target::name(bad, 80).unwrap_err();
+            assert!(e.contains("cannot carry"), "{bad:?}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    #[test]
+    fn targets_display_as_host_and_port() {
+        let v6: SocketAddr = "[2001:db8::1%3]:80".parse().unwrap();
+        assert_eq!(Target::Addr(v6).to_string(), "[2001:db8::1]:80");
+        assert_eq!(
+            Target::from("1.2.3.4:5".parse::<SocketAddr>().unwrap()).to_string(),
+            "1.2.3.4:5"
+        );
     }
 }

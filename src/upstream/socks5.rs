@@ -1,9 +1,9 @@
 //! SOCKS5 (RFC 1928) with username/password authentication (RFC 1929).
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, TcpStream};
 
-use super::{AuthFailure, Credentials, Failure, Refusal, Violation};
+use super::{AuthFailure, Credentials, Failure, Refusal, Target, Violation};
 
 const SOCKS_VERSION: u8 = 5;
 const METHOD_NONE: u8 = 0x00;
@@ -23,7 +23,7 @@ pub(super) const MAX_CREDENTIAL: usize = 255;
 pub(super) fn handshake(
     s: &mut TcpStream,
     creds: Option<&Credentials>,
-    dst: SocketAddr,
+    dst: Target,
 ) -> Result<(), Failure> {
     let greeting: &[u8] = if creds.is_some() {
         &[SOCKS_VERSION, 2, METHOD_NONE, METHOD_USERPASS]
@@ -75,20 +75,33 @@ pub(super) fn handshake(
     Ok(())
 }
 
-/// VER CMD RSV, then DST.ADDR as ATYP and address, then DST.PORT.
-fn connect_request(dst: SocketAddr) -> Vec<u8> {
+/// VER CMD RSV, then DST.ADDR as ATYP and address (a name: its length in
+/// one byte, then its bytes), then DST.PORT.
+fn connect_request(dst: Target) -> Vec<u8> {
     let mut req = vec![SOCKS_VERSION, CMD_CONNECT, 0];
-    match dst.ip() {
-        IpAddr::V4(ip) => {
-            req.push(ATYP_IPV4);
-            req.extend_from_slice(&ip.octets());
+    let port = match dst {
+        Target::Addr(a) => {
+            match a.ip() {
+                IpAddr::V4(ip) => {
+                    req.push(ATYP_IPV4);
+                    req.extend_from_slice(&ip.octets());
+                }
+                IpAddr::V6(ip) => {
+                    req.push(ATYP_IPV6);
+                    req.extend_from_slice(&ip.octets());
+                }
+            }
+            a.port()
         }
-        IpAddr::V6(ip) => {
-            req.push(ATYP_IPV6);
-            req.extend_from_slice(&ip.octets());
+        Target::Name(name, port) => {
+            req.push(ATYP_DOMAIN);
+            // Target::name capped it at 255 bytes.
+            req.push(name.len() as u8);
+            req.extend_from_slice(name.as_bytes());
+            port
         }
-    }
-    req.extend_from_slice(&dst.port().to_be_bytes());
+    };
+    req.extend_from_slice(&port.to_be_bytes());
     req
 }
 
@@ -136,7 +149,7 @@ pub(super) fn reply_text(code: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::net::Ipv6Addr;
+    use std::net::{Ipv6Addr, SocketAddr};
     use std::time::{Duration, Instant};
 
     use super::*;
@@ -172,6 +185,42 @@ mod tests {
             reply.extend_from_slice(&[0, 0]);
             s.write_all(&reply).unwrap();
         });
+        assert_eq!(r, Ok(()));
+    }
+
+    #[test]
+    fn socks5_sends_a_name_as_a_domain_address() {
+        let dst = Target::name("secret.test", 443).unwrap();
+        let (r, s, _) = run("socks5://", dst, |mut s| {
+            expect(&mut s, &[5, 1, 0]);
+            s.write_all(&[5, 0]).unwrap();
+            let mut want = vec![5, 1, 0, 3, 11];
+            want.extend_from_slice(b"secret.test");
+            want.extend_from_slice(&[0x01, 0xbb]);
+            expect(&mut s, &want);
+            s.write_all(&[5, 0, 0, 1, 10, 0, 0, 1, 0x12, 0x34, b'X'])
+                .unwrap();
+        });
+        assert_eq!(r, Ok(()));
+        assert_eq!(rest_of(s), b"X", "nothing past the reply was read");
+    }
+
+    #[test]
+    fn socks5_sends_a_255_byte_name_with_its_length_byte() {
+        let name: &'static str = Box::leak("n".repeat(255).into_boxed_str());
+        let (r, _, _) = run(
+            "socks5://",
+            Target::name(name, 80).unwrap(),
+            move |mut s| {
+                expect(&mut s, &[5, 1, 0]);
+                s.write_all(&[5, 0]).unwrap();
+                let mut want = vec![5, 1, 0, 3, 255];
+                want.extend_from_slice(name.as_bytes());
+                want.extend_from_slice(&[0, 80]);
+                expect(&mut s, &want);
+                s.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).unwrap();
+            },
+        );
         assert_eq!(r, Ok(()));
     }
 

@@ -8,6 +8,8 @@
 //! - `clients`: clients run inside a test cgroup (testclient, curl, Python);
 //! - `route`: whether a connection went through ktproxy or direct;
 //! - `upstream`: SOCKS5 and HTTP proxies for `-u` (microsocks, tinyproxy);
+//! - `dns`: names through the proxy: upstreams that know a secret name,
+//!   counting DNS servers, a Python DNS client, private mount namespaces;
 //! - `netns`: network namespaces;
 //! - `bpftool`: what the kernel has attached, as bpftool shows it;
 //! - `unprivileged`: ktproxy run as nobody, from a copy nobody can reach;
@@ -31,6 +33,7 @@ mod bpftool;
 mod cgroup;
 mod clients;
 mod command;
+mod dns;
 mod faults;
 mod netns;
 mod process;
@@ -44,8 +47,8 @@ mod upstream;
 // Each test file uses a part: what one does not use is not an error.
 #[allow(unused_imports)]
 pub use self::{
-    bpftool::*, cgroup::*, clients::*, command::*, faults::*, netns::*, process::*, proxy::*,
-    route::*, security::*, servers::*, unprivileged::*, upstream::*,
+    bpftool::*, cgroup::*, clients::*, command::*, dns::*, faults::*, netns::*, process::*,
+    proxy::*, route::*, security::*, servers::*, unprivileged::*, upstream::*,
 };
 #[allow(unused_imports)]
 pub use ktproxy::logline::{
