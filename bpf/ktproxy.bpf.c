@@ -960,7 +960,7 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 /* Everything above is attached with bpf_links, which die with ktproxy. In
  * command mode with an upstream that would let COMMAND's leftovers (children
  * ignoring SIGTERM, daemonised grandchildren) connect directly once ktproxy
- * is killed with SIGKILL. These two programs are therefore the one deliberate
+ * is killed with SIGKILL. The guard programs are therefore the one deliberate
  * exception to "bpf_link only": src/bpf.rs attaches them with the legacy
  * BPF_PROG_ATTACH (BPF_F_ALLOW_MULTI) to COMMAND's own cgroup, and only
  * there, never to a cgroup ktproxy did not create. A legacy attachment
@@ -969,9 +969,9 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
  * cgroup is removed and its last socket closed). ktproxy detaches it itself
  * on a normal exit.
  *
- * They run after connect4/connect6 in the same cgroup (attached later: the
- * kernel runs a cgroup's programs in attach order) and see the address those
- * wrote. A connect the rules want proxied whose destination is not the proxy
+ * They run after connect4/6 and sendmsg4/6 in the same cgroup (attached
+ * later: the kernel runs a cgroup's programs in attach order) and see the
+ * address those wrote. A connect the rules want proxied whose destination is not the proxy
  * was not redirected: ktproxy is gone (its links with it), or refused it
  * already. Either way it must not go out directly. */
 static __always_inline int guard_passes4(struct bpf_sock_addr *ctx, __u32 ip, __u16 port)
@@ -992,14 +992,57 @@ static __always_inline int guard_verdict(int passes)
 	return 0;
 }
 
+/* Datagrams (and stream protocols other than TCP): while ktproxy lives,
+ * connect4/6 and sendmsg4/6 send DNS to its DNS socket (loopback) and refuse
+ * the rest of what leaves loopback, so nothing the guard sees later would
+ * leave this host. Once ktproxy is gone, the same traffic reaches the guard
+ * unchanged: refused, unless --allow-direct (unproxied is not REFUSE) or
+ * --no-proxy-dns (DNS was asked to go direct) said otherwise. */
+static __always_inline int guard_datagram(struct bpf_sock_addr *ctx, int loopback, __u16 port)
+{
+	if (loopback || unproxied != UNPROXIED_REFUSE)
+		return 1;
+	if (!dns_on && port == 53 && ctx->protocol == IPPROTO_UDP)
+		return 1;
+	return guard_verdict(0);
+}
+
 SEC("cgroup/connect4")
 int ktproxy_guard4(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP || !listen_port4)
-		return 1;
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+
 	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie)
 		return 1;
-	return guard_verdict(guard_passes4(ctx, ctx->user_ip4, bpf_ntohs((__u16)ctx->user_port)));
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return guard_datagram(ctx, is_loopback4(unspecified_to_loopback4(ctx->user_ip4)),
+				      port);
+	if (!listen_port4)
+		return 1;
+	return guard_verdict(guard_passes4(ctx, ctx->user_ip4, port));
+}
+
+SEC("cgroup/sendmsg4")
+int ktproxy_guard_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie)
+		return 1;
+	return guard_datagram(ctx, is_loopback4(unspecified_to_loopback4(ctx->user_ip4)),
+			      bpf_ntohs((__u16)ctx->user_port));
+}
+
+SEC("cgroup/sendmsg6")
+int ktproxy_guard_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	__u32 ip[4];
+
+	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie)
+		return 1;
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+	return guard_datagram(ctx, is_loopback6(ip), bpf_ntohs((__u16)ctx->user_port));
 }
 
 SEC("cgroup/connect6")
@@ -1008,8 +1051,6 @@ int ktproxy_guard6(struct bpf_sock_addr *ctx)
 	__u32 ip[4];
 	__u16 port;
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return 1;
 	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie)
 		return 1;
 	port = bpf_ntohs((__u16)ctx->user_port);
@@ -1017,6 +1058,8 @@ int ktproxy_guard6(struct bpf_sock_addr *ctx)
 	ip[1] = ctx->user_ip6[1];
 	ip[2] = ctx->user_ip6[2];
 	ip[3] = ctx->user_ip6[3];
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return guard_datagram(ctx, is_loopback6(ip), port);
 	if (is_v4_mapped(ip))
 		return guard_verdict(!listen_port4 || guard_passes4(ctx, ip[3], port));
 	if (!listen_port6)

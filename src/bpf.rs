@@ -505,7 +505,7 @@ impl Guard {
     fn programs<'a>(
         &self,
         skel: &'a KtproxySkel<'static>,
-    ) -> [(&'a ProgramMut<'static>, libbpf_sys::bpf_attach_type); 2] {
+    ) -> [(&'a ProgramMut<'static>, libbpf_sys::bpf_attach_type); 4] {
         [
             (
                 &skel.progs.ktproxy_guard4,
@@ -514,6 +514,14 @@ impl Guard {
             (
                 &skel.progs.ktproxy_guard6,
                 libbpf_sys::BPF_CGROUP_INET6_CONNECT,
+            ),
+            (
+                &skel.progs.ktproxy_guard_sendmsg4,
+                libbpf_sys::BPF_CGROUP_UDP4_SENDMSG,
+            ),
+            (
+                &skel.progs.ktproxy_guard_sendmsg6,
+                libbpf_sys::BPF_CGROUP_UDP6_SENDMSG,
             ),
         ]
     }
@@ -679,6 +687,8 @@ fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
     for guard in [
         &mut open.progs.ktproxy_guard4,
         &mut open.progs.ktproxy_guard6,
+        &mut open.progs.ktproxy_guard_sendmsg4,
+        &mut open.progs.ktproxy_guard_sendmsg6,
     ] {
         guard.set_autoload(cfg.fail_closed);
     }

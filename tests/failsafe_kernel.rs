@@ -133,7 +133,12 @@ fn kill_9_in_command_mode_leaves_a_guard_that_refuses_leftovers_until_their_cgro
         .collect();
     assert_eq!(
         guard.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
-        ["ktproxy_guard4", "ktproxy_guard6"],
+        [
+            "ktproxy_guard4",
+            "ktproxy_guard6",
+            "ktproxy_guard_sendmsg4",
+            "ktproxy_guard_sendmsg6"
+        ],
         "{guard:?}"
     );
     // The leak check of the other tests sees it: it can fail.
@@ -154,6 +159,114 @@ fn kill_9_in_command_mode_leaves_a_guard_that_refuses_leftovers_until_their_cgro
         "the guard outlived its cgroup: {guard:?} still loaded"
     );
     assert_eq!(bpf_leftovers(pid), Vec::<String>::new());
+}
+
+/// Sends a UDP datagram to HOST:PORT and to HOST:53, alternately with
+/// sendto and with connect + send, every 50 ms for SECONDS; one line per
+/// datagram: `T PORT ok|ERRNO`.
+const UDP_PROBE: &str = r#"
+import signal, socket, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+end = time.monotonic() + seconds
+n = 0
+while time.monotonic() < end:
+    for p in (port, 53):
+        n += 1
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            if n % 2:
+                s.sendto(b"ktproxy-leak", (host, p))
+            else:
+                s.connect((host, p))
+                s.send(b"ktproxy-leak")
+            r = "ok"
+        except OSError as e:
+            r = str(e.errno)
+        finally:
+            s.close()
+        print("%f %d %s" % (time.monotonic(), p, r), flush=True)
+    time.sleep(0.05)
+"#;
+
+/// The guard covers datagrams too: after kill -9 in command mode with an
+/// upstream, a leftover's UDP to a non-loopback address (this host's own),
+/// DNS included, is refused with EPERM and never arrives, as it was while
+/// ktproxy lived (DNS went to ktproxy, the rest was refused).
+#[test]
+fn kill_9_in_command_mode_leaves_udp_refused_too() {
+    require_root();
+    let (own4, _) = own_addresses();
+    let own4 = own4.expect("this test needs a non-loopback IPv4 address on this host");
+    let socks = Peer::microsocks(None);
+    let sink = UdpSink::start(std::net::IpAddr::V4(own4));
+    let dns = CountingDns::start(std::net::IpAddr::V4(own4));
+    let dir = TempDir::new("guard_udp");
+    let script = dir.path().join("udp_probe.py");
+    let out = dir.path().join("udp_probe.out");
+    fs::write(&script, UDP_PROBE).unwrap();
+    let sh = format!(
+        "{} {} {own4} {} 8 >{} 2>&1 & wait",
+        python(),
+        script.display(),
+        sink.addr.port(),
+        out.display()
+    );
+    let mut run = CommandRun::spawn(&mut ktproxy_cmd(
+        &["-u", &socks.socks5_url()],
+        &["sh", "-c", &sh],
+    ));
+    let pid = run.pid();
+    let cmd_cgroup = command_cgroup_of(pid);
+    // (time, port, result) of each datagram.
+    let sent = || -> Vec<(f64, u16, String)> {
+        read_lossy(&out)
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((
+                    w.next()?.parse().ok()?,
+                    w.next()?.parse().ok()?,
+                    w.next()?.to_string(),
+                ))
+            })
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || sent().len() >= 6),
+        "the grandchild sent nothing: {}\n{}",
+        read_lossy(&out),
+        run.stderr_now()
+    );
+
+    let killed_at = monotonic_secs();
+    signal(pid as i32, libc::SIGKILL);
+    assert!(
+        run.wait(Duration::from_secs(5)).is_some(),
+        "ktproxy survived SIGKILL"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || sent()
+            .last()
+            .is_some_and(|s| s.0 > killed_at + 2.0)),
+        "the grandchild stopped sending: {:?}",
+        sent()
+    );
+    kill_all_in(&cmd_cgroup);
+    let after: Vec<_> = sent().into_iter().filter(|s| s.0 > killed_at).collect();
+    let eperm = libc::EPERM.to_string();
+    assert!(
+        after.iter().all(|s| s.2 == eperm),
+        "after kill -9 a leftover's datagram was not refused with EPERM: {after:?}"
+    );
+    assert!(after.iter().any(|s| s.1 == 53) && after.iter().any(|s| s.1 != 53));
+    // Give a leaked datagram time to arrive before counting.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.count(), 0, "UDP reached this host's own address");
+    assert_eq!(dns.counts().0, 0, "a DNS query reached this host's own :53");
+
+    remove_cgroup_dir(&cmd_cgroup, Duration::from_secs(5)).expect("removing COMMAND's cgroup");
+    let _ = remove_cgroup_dir(&own_cgroup_of(pid), Duration::from_secs(5));
 }
 
 /// Fail closed while ktproxy lives: stopped, it refuses COMMAND's connects
