@@ -35,6 +35,31 @@ pub struct Config {
     pub user: Option<String>,
     /// -u: dial destinations through this SOCKS5 or HTTP CONNECT proxy.
     pub upstream: Option<Upstream>,
+    /// --relay: how established connections are relayed.
+    pub relay: Relay,
+}
+
+/// `--relay`: who moves the bytes of an established connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relay {
+    /// ktproxy's connection thread, with splice(2) through pipes.
+    Splice,
+    /// The kernel: a BPF sockhash and stream verdict program (src/sockmap.rs).
+    Sockmap,
+}
+
+impl Relay {
+    pub const DEFAULT: Relay = Relay::Splice;
+
+    fn parse(s: &str) -> Result<Relay> {
+        match s {
+            "splice" => Ok(Relay::Splice),
+            "sockmap" => Ok(Relay::Sockmap),
+            _ => Err(Error::usage(format!(
+                "--relay: invalid value '{s}': expected sockmap or splice"
+            ))),
+        }
+    }
 }
 
 impl Config {
@@ -141,6 +166,15 @@ fn options() -> Options {
     o.optflag("q", "quiet", "log warnings and errors only");
     o.optflag("h", "help", "print this help");
     o.optflag("V", "version", "print the version");
+    o.optopt(
+        "",
+        "relay",
+        "how established connections are relayed: sockmap (in the kernel: a BPF sockhash \
+         redirects each side's data to the other; a connection the kernel refuses, or a kernel \
+         without it, falls back to splice) or splice (by ktproxy, splice(2) through pipes) \
+         (default splice)",
+        "KIND",
+    );
     o
 }
 
@@ -240,6 +274,11 @@ pub fn parse(args: &[String]) -> Result<Action> {
     };
 
     let upstream = m.opt_str("u").map(|u| Upstream::parse(&u)).transpose()?;
+    let relay = m
+        .opt_str("relay")
+        .map(|r| Relay::parse(&r))
+        .transpose()?
+        .unwrap_or(Relay::DEFAULT);
 
     let verbose = m.opt_count("v");
     if verbose > 0 && m.opt_present("q") {
@@ -268,6 +307,7 @@ pub fn parse(args: &[String]) -> Result<Action> {
         command,
         user,
         upstream,
+        relay,
     })))
 }
 

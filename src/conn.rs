@@ -4,6 +4,7 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
@@ -11,6 +12,7 @@ use log::{info, warn};
 use crate::error::io_text;
 use crate::pipes::PipePool;
 use crate::relay::relay;
+use crate::sockmap::RelayMaps;
 use crate::sys;
 use crate::upstream::Upstream;
 
@@ -23,6 +25,8 @@ pub struct Shared {
     pub listen: Vec<SocketAddr>,
     pub upstream: Option<Upstream>,
     next_id: AtomicU64,
+    /// --relay sockmap (None: splice).
+    pub sockmap: Option<Arc<RelayMaps>>,
 }
 
 impl Shared {
@@ -30,6 +34,7 @@ impl Shared {
         listen: Vec<SocketAddr>,
         connect_timeout: Duration,
         upstream: Option<Upstream>,
+        sockmap: Option<Arc<RelayMaps>>,
     ) -> Shared {
         Shared {
             // Enough for every connection with bytes in flight at once on
@@ -39,6 +44,7 @@ impl Shared {
             listen,
             upstream,
             next_id: AtomicU64::new(1),
+            sockmap,
         }
     }
 
@@ -99,7 +105,10 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
     };
     info!("#{id} Proxy connection established, from {peer} to {dst}");
 
-    let (totals, err) = relay(id, &client, &target, &shared.pipes);
+    let (totals, err) = match &shared.sockmap {
+        Some(kernel) => kernel.relay(id, &client, &target, &shared.pipes),
+        None => relay(id, &client, &target, &shared.pipes),
+    };
     let secs = started.elapsed().as_secs_f64();
     match err {
         None => info!(

@@ -18,6 +18,7 @@ mod preflight;
 mod relay;
 mod rules;
 mod server;
+mod sockmap;
 mod sys;
 mod upstream;
 
@@ -98,6 +99,7 @@ fn run(cfg: Config) -> Result<i32> {
         bound.clone(),
         cfg.connect_timeout,
         cfg.upstream.clone(),
+        redirect.relay(),
     ));
     for l in listeners {
         server::start(l, Arc::clone(&shared))?;
