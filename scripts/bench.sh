@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks ktproxy against direct connections and haproxy, side by side:
 #
-#   sudo scripts/bench.sh [--quick] [--smoke] [--no-haproxy]
+#   sudo scripts/bench.sh [--quick] [--smoke] [--no-haproxy] [--relays LIST]
 #
 #   (default)     3 runs of everything, medians; iperf3 and wrk 5 s each,
 #                 5000 idle connections. About 4 minutes on 2 vCPUs.
@@ -10,10 +10,13 @@
 #                 installs: a row whose tool is missing prints SKIP. Exits
 #                 non-zero when ktproxy fails to proxy (scripts/test.sh runs it).
 #   --no-haproxy  leave out the haproxy reference column
+#   --relays LIST ktproxy's relays to measure, comma-separated: splice,sockmap
+#                 (the default: both, as columns "ktproxy" and "sockmap")
 #
-# Every workload runs three ways: direct (the client in the benchmark cgroup,
-# ktproxy not running), ktproxy (client in the cgroup, ktproxy -q -c cgroup)
-# and haproxy (mode tcp, nbthread 2; the client dials haproxy's port). The
+# Every workload runs these ways: direct (the client in the benchmark cgroup,
+# ktproxy not running), ktproxy (client in the cgroup, ktproxy -q -c cgroup
+# --relay splice), sockmap (the same with --relay sockmap) and haproxy (mode
+# tcp, nbthread 2; the client dials haproxy's port). The
 # Markdown table comes last, on stdout; progress and raw tool lines go to
 # stderr. Everything stays on 127.0.0.1; every step is bounded in time.
 #
@@ -24,9 +27,16 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
-quick=0 smoke=0 use_haproxy=1
+quick=0 smoke=0 use_haproxy=1 relays=splice,sockmap
+want_relays=0
 for arg in "$@"; do
+	if ((want_relays)); then
+		relays=$arg want_relays=0
+		continue
+	fi
 	case $arg in
+	--relays) want_relays=1 ;;
+	--relays=*) relays=${arg#--relays=} ;;
 	--quick) quick=1 ;;
 	--smoke) smoke=1 ;;
 	--no-haproxy) use_haproxy=0 ;;
@@ -373,8 +383,19 @@ EOF
 	fi
 fi
 
-modes=(direct ktproxy)
+# The ktproxy modes: "ktproxy" relays with splice, "sockmap" in the kernel.
+modes=(direct)
+for r in ${relays//,/ }; do
+	case $r in
+	splice) modes+=(ktproxy) ;;
+	sockmap) modes+=(sockmap) ;;
+	*) die "--relays: unknown relay '$r' (splice, sockmap)" ;;
+	esac
+done
 ((use_haproxy)) && modes+=(haproxy)
+# is_kt MODE: the mode runs ktproxy.
+is_kt() { [[ $1 == ktproxy || $1 == sockmap ]]; }
+relay_of() { if [[ $1 == sockmap ]]; then echo sockmap; else echo splice; fi; }
 
 # ---- the proxy under test ---------------------------------------------------------
 
@@ -395,10 +416,11 @@ start_proxy() {
 			warnings+=("run $run: connect programs from elsewhere apply to $cg: 'direct' may be proxied")
 		fi
 		;;
-	ktproxy)
+	ktproxy | sockmap)
 		set_bpf_stats_on
 		# shellcheck disable=SC2086 # KTPROXY_ARGS: words on purpose
-		"$ktproxy" -q -c "$cg" -l "127.0.0.1:$kt_port" ${KTPROXY_ARGS:-} >"$tmp/ktproxy.log" 2>&1 &
+		"$ktproxy" -q -c "$cg" -l "127.0.0.1:$kt_port" --relay "$(relay_of "$mode")" ${KTPROXY_ARGS:-} \
+			>"$tmp/ktproxy.log" 2>&1 &
 		proxy_pid=$!
 		pids+=("$proxy_pid")
 		# With -q it prints nothing when ready: wait until connect4 is attached
@@ -441,14 +463,14 @@ stop_proxy() {
 	local mode=$1 run=$2
 	if [[ -n $proxy_pid ]]; then
 		if ! kill -0 "$proxy_pid" 2>/dev/null; then
-			[[ $mode == ktproxy ]] && problems+=("run $run: ktproxy died during the run") ||
+			is_kt "$mode" && problems+=("run $run: $mode died during the run") ||
 				warnings+=("run $run: $mode died during the run")
-			[[ $mode == ktproxy ]] && tail -20 "$tmp/ktproxy.log" >&2
+			is_kt "$mode" && tail -20 "$tmp/ktproxy.log" >&2
 		fi
 		stop_pid "$proxy_pid" 10
 	fi
 	proxy_pid=
-	[[ $mode == ktproxy ]] && restore_bpf_stats
+	is_kt "$mode" && restore_bpf_stats
 	return 0
 }
 
@@ -459,7 +481,7 @@ calc() { awk "BEGIN { printf \"%.4f\\n\", $1 }"; }
 # fail_or_warn MODE MESSAGE: a failure of ktproxy (or, in smoke mode, of
 # anything) fails the benchmark; haproxy's and direct's are reported.
 fail_or_warn() {
-	if [[ $1 == ktproxy ]] || ((smoke)); then problems+=("$2"); else warnings+=("$2"); fi
+	if is_kt "$1" || ((smoke)); then problems+=("$2"); else warnings+=("$2"); fi
 }
 
 # ---- workload 5: idle connections ------------------------------------------------
@@ -526,7 +548,7 @@ idle_test() {
 	elif ((fail > 0)); then
 		fail_or_warn "$mode" "run $run: $mode: $fail of $idle_n idle connections failed ($errs)"
 	fi
-	if [[ $mode == ktproxy ]] && ((fds1 - fds0 < ok)); then
+	if is_kt "$mode" && ((fds1 - fds0 < ok)); then
 		problems+=("run $run: ktproxy holds $((fds1 - fds0)) more fds for $ok connections: were they proxied?")
 	fi
 	# Wait (bounded) until the proxy and the holder have let go of them all
@@ -589,12 +611,12 @@ run_wrk() {
 		args=(-t2 -c8)
 	fi
 	b0=$tmp/bpf0.json b1=$tmp/bpf1.json
-	[[ $mode == ktproxy && $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b0" 2>/dev/null
+	is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b0" 2>/dev/null
 	c0=$(cpu_ticks "$proxy_pid")
 	in_cg timeout -k 5 $((wrk_d + 20)) wrk "${args[@]}" -d "${wrk_d}s" --latency "http://127.0.0.1:$port/" \
 		>"$out" 2>&1 || rc=$?
 	c1=$(cpu_ticks "$proxy_pid")
-	[[ $mode == ktproxy && $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b1" 2>/dev/null
+	is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b1" 2>/dev/null
 	reqs=$(awk '/ requests in / {print $1; exit}' "$out")
 	rps=$(awk '/^Requests\/sec:/ {print $2; exit}' "$out")
 	errs=$(sed -n 's/.*Socket errors: connect \([0-9]*\), read \([0-9]*\), write \([0-9]*\), timeout \([0-9]*\).*/\1 \2 \3 \4/p' "$out")
@@ -638,7 +660,7 @@ run_wrk() {
 			record "$run" "$mode" cpu_per_ka_req_us "$(calc "($c1 - $c0) * 1e6 / $clk_tck / $reqs")"
 		fi
 	fi
-	if [[ $mode == ktproxy && $kind == close && $skip_bpf == 0 && -s $b0 && -s $b1 ]]; then
+	if is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 && -s $b0 && -s $b1 ]]; then
 		local metrics connects
 		metrics=$("$py" "$here/tool.py" bpf-delta "$prog_ids" "$b0" "$b1" "$reqs")
 		while read -r m v; do [[ -n $m ]] && record "$run" "$mode" "$m" "$v"; done <<<"$metrics"

@@ -278,6 +278,23 @@ fn load_with_relay(cfg: &KernelConfig) -> Result<(KtproxySkel<'static>, Option<R
     }
 }
 
+/// The sockmap relay alone, loaded but with no cgroup program attached: for
+/// src/sockmap.rs's tests (root only).
+#[cfg(test)]
+pub fn relay_for_tests() -> RelayMaps {
+    let args = ["--relay".to_string(), "sockmap".to_string()];
+    let Ok(crate::cli::Action::Run(cfg)) = crate::cli::parse(&args) else {
+        panic!("--relay sockmap does not parse");
+    };
+    let k = KernelConfig::new(&cfg, 0, 0, &[]);
+    match load_with_relay(&k) {
+        // The maps and the program's link have descriptors of their own.
+        Ok((_skel, Some(relay))) => relay,
+        Ok((_, None)) => panic!("the sockmap relay did not load (see the warning)"),
+        Err(e) => panic!("loading the eBPF programs (the tests need root): {e}"),
+    }
+}
+
 /// `relay_sockets`: None leaves the sockmap relay's maps and program out.
 fn load(cfg: &KernelConfig, relay_sockets: Option<u32>) -> Result<KtproxySkel<'static>> {
     // The skeleton borrows its object for as long as the programs are loaded,
