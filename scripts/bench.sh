@@ -307,6 +307,49 @@ cpu_ticks() {
 	echo $((f[11] + f[12]))
 }
 
+# kworker_ticks: utime+stime of every kernel worker thread, summed. The
+# sockmap relay's psock backlog sends in them, so its CPU is not ktproxy's:
+# measured for every mode (direct shows what the machine does anyway).
+kworker_ticks() {
+	local f stat a total=0
+	for f in /proc/[0-9]*/stat; do
+		read -r stat 2>/dev/null <"$f" || continue
+		[[ $stat == *"(kworker"* ]] || continue
+		read -ra a <<<"${stat##*) }"
+		total=$((total + a[11] + a[12]))
+	done
+	echo "$total"
+}
+
+# relay_runs: how often ktproxy's sockmap verdict program has run (bpf_stats
+# must be on): the proof that a sockmap run was relayed, as ktproxy itself
+# then uses no CPU.
+relay_runs() {
+	((skip_bpf)) && {
+		echo 0
+		return
+	}
+	bpftool -j prog show 2>/dev/null | "$py" -c '
+import json, sys
+ids = {int(x) for x in sys.argv[1].split(",") if x}
+print(sum(p.get("run_cnt", 0) for p in json.load(sys.stdin)
+          if p.get("id") in ids and p.get("name") == "ktproxy_relay"))' "$prog_ids"
+}
+
+# proxied MODE RUN WHAT C0 C1 R0 R1: fails the run when MODE is ktproxy's and
+# the workload did not go through it (no CPU used, or, for sockmap, the
+# verdict program never ran).
+proxied() {
+	local mode=$1 run=$2 what=$3
+	[[ -n $proxy_pid ]] || return 0
+	if [[ $mode == sockmap ]]; then
+		((skip_bpf || $7 > $6)) ||
+			fail_or_warn "$mode" "run $run: the sockmap verdict never ran during $what: was it proxied?"
+	elif (($5 == $4)); then
+		fail_or_warn "$mode" "run $run: $mode used no CPU during $what: was it proxied?"
+	fi
+}
+
 if ! ((skip_wrk)); then
 	mkdir -p "$tmp/nginx"
 	cat >"$tmp/nginx/nginx.conf" <<EOF
@@ -565,13 +608,13 @@ idle_test() {
 # ---- workload 1: iperf3 ---------------------------------------------------------------
 
 run_iperf() {
-	local run=$1 mode=$2 streams=$3 port out c0 c1 res gbps bytes
+	local run=$1 mode=$2 streams=$3 port out c0 c1 k0 k1 r0 r1 res gbps bytes
 	port=$(port_for "$mode" "$iperf_port" "$hp_iperf")
 	out=$tmp/iperf-$mode-$run-$streams.json
-	c0=$(cpu_ticks "$proxy_pid")
+	c0=$(cpu_ticks "$proxy_pid") k0=$(kworker_ticks) r0=$(relay_runs)
 	in_cg timeout -k 5 $((iperf_t + 20)) iperf3 -c 127.0.0.1 -p "$port" -t "$iperf_t" -P "$streams" -J \
 		>"$out" 2>"$out.err" || true
-	c1=$(cpu_ticks "$proxy_pid")
+	c1=$(cpu_ticks "$proxy_pid") k1=$(kworker_ticks) r1=$(relay_runs)
 	if ! res=$("$py" "$here/tool.py" iperf "$out"); then
 		fail_or_warn "$mode" "run $run: $mode: iperf3 -P $streams failed: $res $(head -c 300 "$out.err")"
 		return 0
@@ -579,11 +622,12 @@ run_iperf() {
 	read -r gbps bytes <<<"$res"
 	log "run $run $mode iperf3 -P $streams: $gbps Gbit/s"
 	record "$run" "$mode" "iperf${streams}_gbps" "$gbps"
-	if [[ -n $proxy_pid ]] && ((c1 == c0)); then
-		fail_or_warn "$mode" "run $run: $mode used no CPU during iperf3 -P $streams: was it proxied?"
-	fi
+	proxied "$mode" "$run" "iperf3 -P $streams" "$c0" "$c1" "$r0" "$r1"
 	if [[ $streams == 1 && -n $proxy_pid ]] && ((bytes > 0)); then
 		record "$run" "$mode" cpu_per_gib_ms "$(calc "($c1 - $c0) * 1000.0 / $clk_tck / ($bytes / 1073741824)")"
+	fi
+	if [[ $streams == 1 ]] && ((bytes > 0)); then
+		record "$run" "$mode" kworker_per_gib_ms "$(calc "($k1 - $k0) * 1000.0 / $clk_tck / ($bytes / 1073741824)")"
 	fi
 	if awk -v g="$gbps" 'BEGIN { exit !(g <= 0) }'; then
 		fail_or_warn "$mode" "run $run: $mode: iperf3 -P $streams moved nothing"
@@ -602,7 +646,7 @@ to_us() {
 }
 
 run_wrk() {
-	local run=$1 mode=$2 kind=$3 port out args c0 c1 reqs rps errs non2xx p50 p99 b0 b1 rc=0
+	local run=$1 mode=$2 kind=$3 port out args c0 c1 k0 k1 r0 r1 reqs rps errs non2xx p50 p99 b0 b1 rc=0
 	port=$(port_for "$mode" "$nginx_port" "$hp_http")
 	out=$tmp/wrk-$mode-$run-$kind.txt
 	if [[ $kind == close ]]; then
@@ -612,10 +656,10 @@ run_wrk() {
 	fi
 	b0=$tmp/bpf0.json b1=$tmp/bpf1.json
 	is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b0" 2>/dev/null
-	c0=$(cpu_ticks "$proxy_pid")
+	c0=$(cpu_ticks "$proxy_pid") k0=$(kworker_ticks) r0=$(relay_runs)
 	in_cg timeout -k 5 $((wrk_d + 20)) wrk "${args[@]}" -d "${wrk_d}s" --latency "http://127.0.0.1:$port/" \
 		>"$out" 2>&1 || rc=$?
-	c1=$(cpu_ticks "$proxy_pid")
+	c1=$(cpu_ticks "$proxy_pid") k1=$(kworker_ticks) r1=$(relay_runs)
 	is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b1" 2>/dev/null
 	reqs=$(awk '/ requests in / {print $1; exit}' "$out")
 	rps=$(awk '/^Requests\/sec:/ {print $2; exit}' "$out")
@@ -650,8 +694,11 @@ run_wrk() {
 	if ((smoke)) && ((e_conn + e_read + e_write + e_timeout + non2xx > 0)); then
 		problems+=("run $run: $mode: wrk ($kind) saw socket errors or non-2xx responses")
 	fi
-	if [[ -n $proxy_pid ]] && ((c1 == c0)); then
-		fail_or_warn "$mode" "run $run: $mode used no CPU during wrk ($kind): were the requests proxied?"
+	proxied "$mode" "$run" "wrk ($kind)" "$c0" "$c1" "$r0" "$r1"
+	if [[ $kind == close ]]; then
+		record "$run" "$mode" kworker_per_conn_us "$(calc "($k1 - $k0) * 1e6 / $clk_tck / $reqs")"
+	else
+		record "$run" "$mode" kworker_per_ka_req_us "$(calc "($k1 - $k0) * 1e6 / $clk_tck / $reqs")"
 	fi
 	if [[ -n $proxy_pid ]]; then
 		if [[ $kind == close ]]; then
