@@ -49,7 +49,16 @@ pub enum Relay {
 }
 
 impl Relay {
+    /// Measured in scripts/bench.sh on Linux 6.18: splice relays new
+    /// connections at about twice sockmap's rate (README, Performance).
     pub const DEFAULT: Relay = Relay::Splice;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Relay::Splice => "splice",
+            Relay::Sockmap => "sockmap",
+        }
+    }
 
     fn parse(s: &str) -> Result<Relay> {
         match s {
@@ -169,10 +178,13 @@ fn options() -> Options {
     o.optopt(
         "",
         "relay",
-        "how established connections are relayed: sockmap (in the kernel: a BPF sockhash \
-         redirects each side's data to the other; a connection the kernel refuses, or a kernel \
-         without it, falls back to splice) or splice (by ktproxy, splice(2) through pipes) \
-         (default splice)",
+        &format!(
+            "how established connections are relayed: splice (ktproxy's thread, splice(2) \
+             through pipes) or sockmap (the kernel: a BPF sockhash and stream verdict program \
+             send each side's data to the other while the thread sleeps; a connection the \
+             kernel refuses, or a kernel without it, is spliced) (default {})",
+            Relay::DEFAULT.name()
+        ),
         "KIND",
     );
     o
@@ -398,6 +410,16 @@ mod tests {
         assert_eq!(a.cgroup, b.cgroup);
         assert_eq!(a.log_level, LevelFilter::Debug);
         assert_eq!(b.log_level, LevelFilter::Debug);
+    }
+
+    #[test]
+    fn relay_is_splice_by_default_and_sockmap_on_request() {
+        assert_eq!(run(&[]).relay, Relay::Splice);
+        assert_eq!(run(&["--relay", "sockmap"]).relay, Relay::Sockmap);
+        assert_eq!(run(&["--relay=splice"]).relay, Relay::Splice);
+        let e = usage_error(&["--relay", "kernel"]);
+        assert!(e.starts_with("--relay: invalid value 'kernel'"), "{e}");
+        assert!(help().contains("--relay KIND"));
     }
 
     #[test]
