@@ -9,10 +9,11 @@
 //! | line (after simplelog's time and level) | producer |
 //! |---|---|
 //! | `ktproxy ready: listening on A and B, intercepting ..., ... (own cgroup P; room for ...)` | `run` in src/main.rs |
-//! | `detached; kernel counters: name=N name=N ...` | `run` in src/main.rs |
+//! | `detached; kernel counters: name=N name=N ...` (with `--relay sockmap`, also `relay_sockmap=N relay_spliced=N`) | `run` in src/main.rs |
 //! | `#ID Connecting to target D` and `... via URL` | `serve` in src/conn.rs |
 //! | `#ID Connection closed, from C to D: N bytes sent, M bytes received, S s` | `serve` in src/conn.rs |
 //! | `#ID Connection reset, from C to D: WHY (N bytes sent, M bytes received, S s)` | `serve` in src/conn.rs |
+//! | `#ID Relaying in the kernel (sockmap)`, `#ID sockmap refused the pair (WHY); relaying with splice` | `RelayMaps::relay` in src/sockmap.rs (`--relay sockmap`) |
 //! | `testserver listening on ADDR` (stdout) | src/bin/testserver.rs, with [`testserver_listening`] |
 //! | `peer P local L` (stdout) | src/bin/testclient.rs, with [`peer_line`] |
 

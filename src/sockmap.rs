@@ -418,7 +418,7 @@ impl<'a> Pair<'a> {
         let want = self.base[1 - i] + redirected + self.copied[i];
         let mut pause = DRAIN_PAUSE_FIRST;
         loop {
-            let got = written(to)?;
+            let (got, _) = written_at_least(to, &sys::tcp_info(to)?)?;
             trace!(
                 "#{} {}: {redirected} bytes redirected, {} of them written",
                 self.id,
@@ -494,21 +494,27 @@ impl<'a> Pair<'a> {
 
 /// Bytes written to a socket since it connected (its SYN included):
 /// bytes_acked plus the send queue, read so that no ACK falls between the
-/// two.
+/// two (for a base that must be exact).
 fn written(sock: &TcpStream) -> io::Result<u64> {
-    let mut info = sys::tcp_info(sock)?;
     loop {
-        // Nothing in flight and nothing unsent: bytes_acked alone is exact.
-        if info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0 {
-            return Ok(info.tcpi_bytes_acked);
+        let info = sys::tcp_info(sock)?;
+        let at_least = written_at_least(sock, &info)?;
+        if at_least.1 || sys::tcp_info(sock)?.tcpi_bytes_acked == info.tcpi_bytes_acked {
+            return Ok(at_least.0);
         }
-        let queued = sys::send_queue(sock)?;
-        let again = sys::tcp_info(sock)?;
-        if again.tcpi_bytes_acked == info.tcpi_bytes_acked {
-            return Ok(info.tcpi_bytes_acked + u64::from(queued));
-        }
-        info = again;
     }
+}
+
+/// `written`, or less when an ACK came between the two reads (bytes_acked
+/// is read first, so the sum can only fall short): enough to tell that a
+/// count has been reached. Also says whether the figure is exact.
+fn written_at_least(sock: &TcpStream, info: &libc::tcp_info) -> io::Result<(u64, bool)> {
+    // Nothing in flight and nothing unsent: bytes_acked alone is exact.
+    if info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0 {
+        return Ok((info.tcpi_bytes_acked, true));
+    }
+    let queued = sys::send_queue(sock)?;
+    Ok((info.tcpi_bytes_acked + u64::from(queued), false))
 }
 
 fn wait_for(sock: &TcpStream, events: libc::c_short) -> io::Result<()> {
