@@ -343,7 +343,7 @@ proxied() {
 	local mode=$1 run=$2 what=$3
 	[[ -n $proxy_pid ]] || return 0
 	if [[ $mode == sockmap ]]; then
-		((skip_bpf || $7 > $6)) ||
+		((skip_bpf || $7 > $6)) || [[ $(cat /proc/sys/kernel/bpf_stats_enabled 2>/dev/null) != 1 ]] ||
 			fail_or_warn "$mode" "run $run: the sockmap verdict never ran during $what: was it proxied?"
 	elif (($5 == $4)); then
 		fail_or_warn "$mode" "run $run: $mode used no CPU during $what: was it proxied?"
@@ -712,7 +712,11 @@ run_wrk() {
 		metrics=$("$py" "$here/tool.py" bpf-delta "$prog_ids" "$b0" "$b1" "$reqs")
 		while read -r m v; do [[ -n $m ]] && record "$run" "$mode" "$m" "$v"; done <<<"$metrics"
 		connects=$(awk '$1 == "bpf.ktproxy_connect4.runs" {print $2}' <<<"$metrics")
-		if [[ -n $connects ]] && ((connects < reqs)); then
+		if [[ $(cat /proc/sys/kernel/bpf_stats_enabled 2>/dev/null) != 1 ]]; then
+			# kernel.bpf_stats_enabled is machine-wide: another benchmark
+			# restoring it mid-run leaves the counters proving nothing.
+			warnings+=("run $run: kernel.bpf_stats_enabled was turned off by someone else during $mode's run")
+		elif [[ -n $connects ]] && ((connects < reqs)); then
 			problems+=("run $run: ktproxy_connect4 ran ${connects:-0} times for $reqs connections: not proxied?")
 		fi
 	fi
