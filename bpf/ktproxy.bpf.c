@@ -237,6 +237,7 @@ enum stat {
 	STAT_REFUSED_UNPROXYABLE,   /* connect ktproxy cannot carry refused (EPERM) */
 	STAT_DIRECT_UDP,            /* UDP went direct under --allow-direct */
 	STAT_DIRECT_UNPROXYABLE,    /* unproxyable connect went direct under --allow-direct */
+	STAT_RELAY_DROPPED,         /* sockmap relay: data for a pair already gone */
 	STAT_MAX,
 };
 
@@ -1297,4 +1298,85 @@ int ktproxy_getpeername6(struct bpf_sock_addr *ctx)
 	}
 	ctx->user_port = (__u32)dst->port;
 	return 1;
+}
+
+/* ---- the sockmap relay (--relay sockmap) ----------------------------------- */
+
+/*
+ * Once ktproxy has dialed (and finished any upstream handshake), it can hand
+ * the pair client socket C <-> dialed socket D to the kernel: the stream
+ * verdict program below then runs on every skb either socket receives and
+ * sends it on to the other socket's egress, without waking ktproxy.
+ *
+ * Each socket is known by its cookie (SO_COOKIE in user space,
+ * bpf_get_socket_cookie here). src/sockmap.rs, per pair:
+ *   1. relay_ends[C] = { peer D }, relay_ends[D] = { peer C };
+ *   2. C and D into relay_peers, the sockhash that redirects look up, with no
+ *      program attached;
+ *   3. C and D into relay_verdict, the sockhash this program is attached to.
+ * Two sockhashes, so that when C's data first meets the verdict, D can
+ * already be found: with one map, C's data arriving between the two inserts
+ * would find no peer, and a verdict can only redirect, keep (for a recv() that
+ * would then race with the redirected bytes) or drop it.
+ *
+ * Redirected skbs wait in the peer's psock backlog (a workqueue) until its
+ * send buffer takes them. They stay charged to the receiving socket's
+ * receive memory until sent, which is how ktproxy knows, after an EOF, that
+ * everything before it has reached the other socket's send queue and the
+ * half-close may follow (SO_MEMINFO, see src/sockmap.rs).
+ */
+struct relay_end {
+	__u64 peer;  /* cookie of the other socket: its key in relay_peers */
+	__u64 bytes; /* bytes this socket received and the verdict sent on */
+};
+
+/* max_entries of the three maps are set before load (src/bpf.rs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 1);
+	__type(key, __u64);
+	__type(value, struct relay_end);
+} relay_ends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 1);
+	__type(key, __u64);
+	__type(value, __u64);
+} relay_peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 1);
+	__type(key, __u64);
+	__type(value, __u64);
+} relay_verdict SEC(".maps");
+
+SEC("sk_skb/stream_verdict")
+int ktproxy_relay(struct __sk_buff *skb)
+{
+	__u64 cookie = bpf_get_socket_cookie(skb);
+	struct relay_end *end;
+	__u64 peer;
+	long verdict;
+
+	/* A FIN comes as an skb without data. TCP has already taken note of it
+	 * and ktproxy forwards the half-close itself; the psock backlog would
+	 * take an empty skb sent its way for a broken pipe. */
+	if (skb->len == 0)
+		return SK_DROP;
+	end = bpf_map_lookup_elem(&relay_ends, &cookie);
+	if (!end) {
+		/* The pair is being torn down after a reset: nobody to send to. */
+		count(STAT_RELAY_DROPPED);
+		return SK_DROP;
+	}
+	peer = end->peer;
+	verdict = bpf_sk_redirect_hash(skb, &relay_peers, &peer, 0);
+	if (verdict == SK_PASS)
+		__sync_fetch_and_add(&end->bytes, skb->len);
+	else
+		count(STAT_RELAY_DROPPED); /* the peer is closed or was reset */
+	return verdict;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks ktproxy against direct connections and haproxy, side by side:
 #
-#   sudo scripts/bench.sh [--quick] [--smoke] [--no-haproxy]
+#   sudo scripts/bench.sh [--quick] [--smoke] [--no-haproxy] [--relays LIST]
 #
 #   (default)     3 runs of everything, medians; iperf3 and wrk 5 s each,
 #                 5000 idle connections. About 4 minutes on 2 vCPUs.
@@ -10,10 +10,13 @@
 #                 installs: a row whose tool is missing prints SKIP. Exits
 #                 non-zero when ktproxy fails to proxy (scripts/test.sh runs it).
 #   --no-haproxy  leave out the haproxy reference column
+#   --relays LIST ktproxy's relays to measure, comma-separated: splice,sockmap
+#                 (the default: both, as columns "ktproxy" and "sockmap")
 #
-# Every workload runs three ways: direct (the client in the benchmark cgroup,
-# ktproxy not running), ktproxy (client in the cgroup, ktproxy -q -c cgroup)
-# and haproxy (mode tcp, nbthread 2; the client dials haproxy's port). The
+# Every workload runs these ways: direct (the client in the benchmark cgroup,
+# ktproxy not running), ktproxy (client in the cgroup, ktproxy -q -c cgroup
+# --relay splice), sockmap (the same with --relay sockmap) and haproxy (mode
+# tcp, nbthread 2; the client dials haproxy's port). The
 # Markdown table comes last, on stdout; progress and raw tool lines go to
 # stderr. Everything stays on 127.0.0.1; every step is bounded in time.
 #
@@ -29,9 +32,16 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
-quick=0 smoke=0 use_haproxy=1
+quick=0 smoke=0 use_haproxy=1 relays=splice,sockmap
+want_relays=0
 for arg in "$@"; do
+	if ((want_relays)); then
+		relays=$arg want_relays=0
+		continue
+	fi
 	case $arg in
+	--relays) want_relays=1 ;;
+	--relays=*) relays=${arg#--relays=} ;;
 	--quick) quick=1 ;;
 	--smoke) smoke=1 ;;
 	--no-haproxy) use_haproxy=0 ;;
@@ -303,6 +313,49 @@ cpu_ticks() {
 	echo $((f[11] + f[12]))
 }
 
+# kworker_ticks: utime+stime of every kernel worker thread, summed. The
+# sockmap relay's psock backlog sends in them, so its CPU is not ktproxy's:
+# measured for every mode (direct shows what the machine does anyway).
+kworker_ticks() {
+	local f stat a total=0
+	for f in /proc/[0-9]*/stat; do
+		read -r stat 2>/dev/null <"$f" || continue
+		[[ $stat == *"(kworker"* ]] || continue
+		read -ra a <<<"${stat##*) }"
+		total=$((total + a[11] + a[12]))
+	done
+	echo "$total"
+}
+
+# relay_runs: how often ktproxy's sockmap verdict program has run (bpf_stats
+# must be on): the proof that a sockmap run was relayed, as ktproxy itself
+# then uses no CPU.
+relay_runs() {
+	((skip_bpf)) && {
+		echo 0
+		return
+	}
+	bpftool -j prog show 2>/dev/null | "$py" -c '
+import json, sys
+ids = {int(x) for x in sys.argv[1].split(",") if x}
+print(sum(p.get("run_cnt", 0) for p in json.load(sys.stdin)
+          if p.get("id") in ids and p.get("name") == "ktproxy_relay"))' "$prog_ids"
+}
+
+# proxied MODE RUN WHAT C0 C1 R0 R1: fails the run when MODE is ktproxy's and
+# the workload did not go through it (no CPU used, or, for sockmap, the
+# verdict program never ran).
+proxied() {
+	local mode=$1 run=$2 what=$3
+	[[ -n $proxy_pid ]] || return 0
+	if [[ $mode == sockmap ]]; then
+		((skip_bpf || $7 > $6)) || [[ $(cat /proc/sys/kernel/bpf_stats_enabled 2>/dev/null) != 1 ]] ||
+			fail_or_warn "$mode" "run $run: the sockmap verdict never ran during $what: was it proxied?"
+	elif (($5 == $4)); then
+		fail_or_warn "$mode" "run $run: $mode used no CPU during $what: was it proxied?"
+	fi
+}
+
 if ! ((skip_wrk)); then
 	mkdir -p "$tmp/nginx"
 	cat >"$tmp/nginx/nginx.conf" <<EOF
@@ -379,8 +432,19 @@ EOF
 	fi
 fi
 
-modes=(direct ktproxy)
+# The ktproxy modes: "ktproxy" relays with splice, "sockmap" in the kernel.
+modes=(direct)
+for r in ${relays//,/ }; do
+	case $r in
+	splice) modes+=(ktproxy) ;;
+	sockmap) modes+=(sockmap) ;;
+	*) die "--relays: unknown relay '$r' (splice, sockmap)" ;;
+	esac
+done
 ((use_haproxy)) && modes+=(haproxy)
+# is_kt MODE: the mode runs ktproxy.
+is_kt() { [[ $1 == ktproxy || $1 == sockmap ]]; }
+relay_of() { if [[ $1 == sockmap ]]; then echo sockmap; else echo splice; fi; }
 
 # ---- the proxy under test ---------------------------------------------------------
 
@@ -402,10 +466,11 @@ start_proxy() {
 			warnings+=("run $run: connect programs from elsewhere apply to $cg: 'direct' may be proxied")
 		fi
 		;;
-	ktproxy)
+	ktproxy | sockmap)
 		set_bpf_stats_on
 		# shellcheck disable=SC2086 # KTPROXY_ARGS: words on purpose
-		"$ktproxy" -q -c "$cg" -l "127.0.0.1:$kt_port" ${KTPROXY_ARGS:-} "${proxy_extra[@]}" >"$tmp/ktproxy.log" 2>&1 &
+		"$ktproxy" -q -c "$cg" -l "127.0.0.1:$kt_port" --relay "$(relay_of "$mode")" ${KTPROXY_ARGS:-} \
+			"${proxy_extra[@]}" >"$tmp/ktproxy.log" 2>&1 &
 		proxy_pid=$!
 		pids+=("$proxy_pid")
 		# With -q it prints nothing when ready: wait until connect4 is attached
@@ -448,14 +513,14 @@ stop_proxy() {
 	local mode=$1 run=$2
 	if [[ -n $proxy_pid ]]; then
 		if ! kill -0 "$proxy_pid" 2>/dev/null; then
-			[[ $mode == ktproxy ]] && problems+=("run $run: ktproxy died during the run") ||
+			is_kt "$mode" && problems+=("run $run: $mode died during the run") ||
 				warnings+=("run $run: $mode died during the run")
-			[[ $mode == ktproxy ]] && tail -20 "$tmp/ktproxy.log" >&2
+			is_kt "$mode" && tail -20 "$tmp/ktproxy.log" >&2
 		fi
 		stop_pid "$proxy_pid" 10
 	fi
 	proxy_pid=
-	[[ $mode == ktproxy ]] && restore_bpf_stats
+	is_kt "$mode" && restore_bpf_stats
 	return 0
 }
 
@@ -466,7 +531,7 @@ calc() { awk "BEGIN { printf \"%.4f\\n\", $1 }"; }
 # fail_or_warn MODE MESSAGE: a failure of ktproxy (or, in smoke mode, of
 # anything) fails the benchmark; haproxy's and direct's are reported.
 fail_or_warn() {
-	if [[ $1 == ktproxy ]] || ((smoke)); then problems+=("$2"); else warnings+=("$2"); fi
+	if is_kt "$1" || ((smoke)); then problems+=("$2"); else warnings+=("$2"); fi
 }
 
 # ---- workload 5: idle connections ------------------------------------------------
@@ -533,7 +598,7 @@ idle_test() {
 	elif ((fail > 0)); then
 		fail_or_warn "$mode" "run $run: $mode: $fail of $idle_n idle connections failed ($errs)"
 	fi
-	if [[ $mode == ktproxy ]] && ((fds1 - fds0 < ok)); then
+	if is_kt "$mode" && ((fds1 - fds0 < ok)); then
 		problems+=("run $run: ktproxy holds $((fds1 - fds0)) more fds for $ok connections: were they proxied?")
 	fi
 	# Wait (bounded) until the proxy and the holder have let go of them all
@@ -550,13 +615,13 @@ idle_test() {
 # ---- workload 1: iperf3 ---------------------------------------------------------------
 
 run_iperf() {
-	local run=$1 mode=$2 streams=$3 port out c0 c1 res gbps bytes
+	local run=$1 mode=$2 streams=$3 port out c0 c1 k0 k1 r0 r1 res gbps bytes
 	port=$(port_for "$mode" "$iperf_port" "$hp_iperf")
 	out=$tmp/iperf-$mode-$run-$streams.json
-	c0=$(cpu_ticks "$proxy_pid")
+	c0=$(cpu_ticks "$proxy_pid") k0=$(kworker_ticks) r0=$(relay_runs)
 	in_cg timeout -k 5 $((iperf_t + 20)) iperf3 -c 127.0.0.1 -p "$port" -t "$iperf_t" -P "$streams" -J \
 		>"$out" 2>"$out.err" || true
-	c1=$(cpu_ticks "$proxy_pid")
+	c1=$(cpu_ticks "$proxy_pid") k1=$(kworker_ticks) r1=$(relay_runs)
 	if ! res=$("$py" "$here/tool.py" iperf "$out"); then
 		fail_or_warn "$mode" "run $run: $mode: iperf3 -P $streams failed: $res $(head -c 300 "$out.err")"
 		return 0
@@ -564,11 +629,12 @@ run_iperf() {
 	read -r gbps bytes <<<"$res"
 	log "run $run $mode iperf3 -P $streams: $gbps Gbit/s"
 	record "$run" "$mode" "iperf${streams}_gbps" "$gbps"
-	if [[ -n $proxy_pid ]] && ((c1 == c0)); then
-		fail_or_warn "$mode" "run $run: $mode used no CPU during iperf3 -P $streams: was it proxied?"
-	fi
+	proxied "$mode" "$run" "iperf3 -P $streams" "$c0" "$c1" "$r0" "$r1"
 	if [[ $streams == 1 && -n $proxy_pid ]] && ((bytes > 0)); then
 		record "$run" "$mode" cpu_per_gib_ms "$(calc "($c1 - $c0) * 1000.0 / $clk_tck / ($bytes / 1073741824)")"
+	fi
+	if [[ $streams == 1 ]] && ((bytes > 0)); then
+		record "$run" "$mode" kworker_per_gib_ms "$(calc "($k1 - $k0) * 1000.0 / $clk_tck / ($bytes / 1073741824)")"
 	fi
 	if awk -v g="$gbps" 'BEGIN { exit !(g <= 0) }'; then
 		fail_or_warn "$mode" "run $run: $mode: iperf3 -P $streams moved nothing"
@@ -587,7 +653,7 @@ to_us() {
 }
 
 run_wrk() {
-	local run=$1 mode=$2 kind=$3 port out args c0 c1 reqs rps errs non2xx p50 p99 b0 b1 rc=0
+	local run=$1 mode=$2 kind=$3 port out args c0 c1 k0 k1 r0 r1 reqs rps errs non2xx p50 p99 b0 b1 rc=0
 	port=$(port_for "$mode" "$nginx_port" "$hp_http")
 	out=$tmp/wrk-$mode-$run-$kind.txt
 	if [[ $kind == close ]]; then
@@ -596,12 +662,12 @@ run_wrk() {
 		args=(-t2 -c8)
 	fi
 	b0=$tmp/bpf0.json b1=$tmp/bpf1.json
-	[[ $mode == ktproxy && $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b0" 2>/dev/null
-	c0=$(cpu_ticks "$proxy_pid")
+	is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b0" 2>/dev/null
+	c0=$(cpu_ticks "$proxy_pid") k0=$(kworker_ticks) r0=$(relay_runs)
 	in_cg timeout -k 5 $((wrk_d + 20)) wrk "${args[@]}" -d "${wrk_d}s" --latency "http://127.0.0.1:$port/" \
 		>"$out" 2>&1 || rc=$?
-	c1=$(cpu_ticks "$proxy_pid")
-	[[ $mode == ktproxy && $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b1" 2>/dev/null
+	c1=$(cpu_ticks "$proxy_pid") k1=$(kworker_ticks) r1=$(relay_runs)
+	is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b1" 2>/dev/null
 	reqs=$(awk '/ requests in / {print $1; exit}' "$out")
 	rps=$(awk '/^Requests\/sec:/ {print $2; exit}' "$out")
 	errs=$(sed -n 's/.*Socket errors: connect \([0-9]*\), read \([0-9]*\), write \([0-9]*\), timeout \([0-9]*\).*/\1 \2 \3 \4/p' "$out")
@@ -635,8 +701,11 @@ run_wrk() {
 	if ((smoke)) && ((e_conn + e_read + e_write + e_timeout + non2xx > 0)); then
 		problems+=("run $run: $mode: wrk ($kind) saw socket errors or non-2xx responses")
 	fi
-	if [[ -n $proxy_pid ]] && ((c1 == c0)); then
-		fail_or_warn "$mode" "run $run: $mode used no CPU during wrk ($kind): were the requests proxied?"
+	proxied "$mode" "$run" "wrk ($kind)" "$c0" "$c1" "$r0" "$r1"
+	if [[ $kind == close ]]; then
+		record "$run" "$mode" kworker_per_conn_us "$(calc "($k1 - $k0) * 1e6 / $clk_tck / $reqs")"
+	else
+		record "$run" "$mode" kworker_per_ka_req_us "$(calc "($k1 - $k0) * 1e6 / $clk_tck / $reqs")"
 	fi
 	if [[ -n $proxy_pid ]]; then
 		if [[ $kind == close ]]; then
@@ -645,12 +714,16 @@ run_wrk() {
 			record "$run" "$mode" cpu_per_ka_req_us "$(calc "($c1 - $c0) * 1e6 / $clk_tck / $reqs")"
 		fi
 	fi
-	if [[ $mode == ktproxy && $kind == close && $skip_bpf == 0 && -s $b0 && -s $b1 ]]; then
+	if is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 && -s $b0 && -s $b1 ]]; then
 		local metrics connects
 		metrics=$("$py" "$here/tool.py" bpf-delta "$prog_ids" "$b0" "$b1" "$reqs")
 		while read -r m v; do [[ -n $m ]] && record "$run" "$mode" "$m" "$v"; done <<<"$metrics"
 		connects=$(awk '$1 == "bpf.ktproxy_connect4.runs" {print $2}' <<<"$metrics")
-		if [[ -n $connects ]] && ((connects < reqs)); then
+		if [[ $(cat /proc/sys/kernel/bpf_stats_enabled 2>/dev/null) != 1 ]]; then
+			# kernel.bpf_stats_enabled is machine-wide: another benchmark
+			# restoring it mid-run leaves the counters proving nothing.
+			warnings+=("run $run: kernel.bpf_stats_enabled was turned off by someone else during $mode's run")
+		elif [[ -n $connects ]] && ((connects < reqs)); then
 			problems+=("run $run: ktproxy_connect4 ran ${connects:-0} times for $reqs connections: not proxied?")
 		fi
 	fi

@@ -27,6 +27,7 @@ mod relay;
 mod rules;
 mod secret;
 mod server;
+mod sockmap;
 mod stop;
 mod sys;
 mod upstream;
@@ -128,6 +129,7 @@ fn run(cfg: Config) -> Result<i32> {
             cfg.connect_timeout,
             cfg.upstream.clone(),
             cfg.mark,
+            redirect.relay(),
         )
         .with_names(dns),
     );

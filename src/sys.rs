@@ -390,6 +390,71 @@ pub fn shutdown_write(sock: impl AsFd) -> io::Result<()> {
     )?)
 }
 
+/// The kernel's cookie for a socket (SO_COOKIE): how BPF programs name it
+/// (bpf_get_socket_cookie). Raw getsockopt: nix has no SO_COOKIE.
+pub fn socket_cookie(sock: &impl AsFd) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: v has room for len bytes.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut v as *mut u64).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(v)
+}
+
+/// TCP_INFO. Taken under the socket's lock: it also waits for a softirq
+/// that is processing a segment for this socket to finish. Raw getsockopt:
+/// nix has no TCP_INFO.
+pub fn tcp_info(sock: &impl AsFd) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: info has room for len bytes; the kernel writes at most that.
+    cvt(unsafe {
+        libc::getsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(info)
+}
+
+/// ioctl(SIOCOUTQ): bytes in the send queue, sent but not acknowledged or
+/// not sent yet. Raw libc: nix has no such ioctl wrapper.
+pub fn send_queue(sock: &impl AsFd) -> io::Result<u32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int to n.
+    cvt(unsafe { libc::ioctl(sock.as_fd().as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
+    Ok(n as u32)
+}
+
+/// setsockopt(SO_RCVLOWAT, 1), the default: TCP then checks whether data is
+/// already waiting and, if so, calls the socket's data-ready callback.
+/// Raw setsockopt: nix has no SO_RCVLOWAT.
+pub fn rcvlowat_one(sock: &impl AsFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: one is a c_int, as the option wants, and lives for the call.
+    cvt(unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,9 @@ METRICS = [
     ("cpu_per_conn_us", "proxy CPU per new connection (µs, user+sys)", 1, False, "median"),
     ("cpu_per_ka_req_us", "proxy CPU per keep-alive request (µs)", 2, False, "median"),
     ("cpu_per_gib_ms", "proxy CPU per GiB relayed, iperf3 1 stream (ms)", 0, False, "median"),
+    ("kworker_per_conn_us", "kernel workers' CPU per new connection (µs; every kworker, machine-wide)", 1, False, "median"),
+    ("kworker_per_ka_req_us", "kernel workers' CPU per keep-alive request (µs; machine-wide)", 2, False, "median"),
+    ("kworker_per_gib_ms", "kernel workers' CPU per GiB, iperf3 1 stream (ms; machine-wide)", 0, False, "median"),
     ("idle_total_kib", "memory per idle connection, incl. client and server sockets (KiB)", 1, True, "median"),
     ("idle_overhead_kib", "↳ proxy's cost per connection: the above minus direct (KiB)", 1, False, "median"),
     ("idle_pss_kib", "↳ of it, proxy process Pss (KiB)", 1, False, "median"),
@@ -177,12 +180,15 @@ def report(path, modes_arg, title):
         if all(c is None for c in cells.values()):
             continue
         base = cells.get("direct")
-        ratios = {}
+        hap = cells.get("haproxy")
+        ratios, vs_hap = {}, {}
         for m in modes:
             c = cells[m]
             ok = ratio and isinstance(c, float) and isinstance(base, float) and base
             ratios[m] = c / base if ok else None
-        rows.append((label, {m: fmt(c, dec) for m, c in cells.items()}, ratios))
+            ok = ratio and isinstance(c, float) and isinstance(hap, float) and hap
+            vs_hap[m] = c / hap if ok else None
+        rows.append((label, {m: fmt(c, dec) for m, c in cells.items()}, ratios, vs_hap))
     # Per-program BPF rows, for the programs that ran.
     progs = sorted({k.split(".")[1] for (_, k) in data if k.startswith("bpf.") and k.endswith(".ns_per_run")})
     for name in progs:
@@ -191,7 +197,7 @@ def report(path, modes_arg, title):
             ns = agg(m, f"bpf.{name}.ns_per_run", "median")
             per = agg(m, f"bpf.{name}.runs_per_conn", "median")
             cells[m] = "–" if ns is None or per is None else f"{ns:,.0f} ns × {per:.2f}"
-        rows.append((f"↳ `{name}`: ns per run × runs per connection", cells, {}))
+        rows.append((f"↳ `{name}`: ns per run × runs per connection", cells, {}, {}))
 
     runs = sorted({r for xs in data.values() for r in xs})
     if len(runs) > 1:
@@ -202,19 +208,24 @@ def report(path, modes_arg, title):
         sys.stderr.flush()
 
     out = [title, ""]
+    # ktproxy's columns also get their ratio to haproxy, when it ran.
+    with_hap = [m for m in modes if m not in ("direct", "haproxy") and "haproxy" in modes]
     head = "| metric | direct |"
     sep = "|---|---:|"
     for m in modes:
         if m != "direct":
-            head += f" {m} | ratio |"
-            sep += "---:|---:|"
+            head += f" {m} | ratio |" + (" ÷ haproxy |" if m in with_hap else "")
+            sep += "---:|---:|" + ("---:|" if m in with_hap else "")
     out += [head, sep]
-    for label, cells, ratios in rows:
+    for label, cells, ratios, vs_hap in rows:
         line = f"| {label} | {cells.get('direct', '–')} |"
         for m in modes:
             if m != "direct":
                 r = ratios.get(m)
                 line += f" {cells.get(m, '–')} | {f'{r:.2f}×' if r is not None else ''} |"
+                if m in with_hap:
+                    h = vs_hap.get(m)
+                    line += f" {f'{h:.2f}×' if h is not None else ''} |"
         out.append(line)
     print("\n".join(out))
     return 0

@@ -31,6 +31,19 @@ pub const LOG_TIMEOUT: Duration = Duration::from_secs(5);
 /// Listen on both loopbacks, IPv4 and IPv6.
 pub const DUAL: [&str; 4] = ["-l", "127.0.0.1:0", "-l", "[::1]:0"];
 
+/// `--relay KIND` when the environment says `KTPROXY_TEST_RELAY=KIND`
+/// (scripts/test.sh runs the end-to-end tests once per relay), unless the
+/// options `opts` choose a relay themselves.
+pub fn relay_args(opts: &[&str]) -> Vec<String> {
+    if opts.iter().any(|a| a.starts_with("--relay")) {
+        return Vec::new();
+    }
+    match std::env::var("KTPROXY_TEST_RELAY") {
+        Ok(kind) if !kind.is_empty() => vec!["--relay".to_string(), kind],
+        _ => Vec::new(),
+    }
+}
+
 /// `DUAL` followed by `extra`.
 pub fn with_dual<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     DUAL.iter().copied().chain(extra.iter().copied()).collect()
@@ -40,9 +53,9 @@ pub fn with_dual<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 /// `-l 127.0.0.1:0` unless `extra` has a listen option of its own, then
 /// `extra`. Arguments after a `--` are not looked at.
 pub fn ktproxy_command(cg: &TestCgroup, extra: &[&str]) -> Command {
-    let opts = extra.iter().take_while(|a| **a != "--");
+    let opts: Vec<&str> = extra.iter().copied().take_while(|a| *a != "--").collect();
     let mut own_listen = false;
-    for a in opts {
+    for a in &opts {
         assert!(
             !(a.starts_with("--cgroup") || (a.starts_with("-c") && !a.starts_with("--"))),
             "the harness supplies -c itself: {extra:?}"
@@ -50,7 +63,7 @@ pub fn ktproxy_command(cg: &TestCgroup, extra: &[&str]) -> Command {
         own_listen |= a.starts_with("--listen") || (a.starts_with("-l") && !a.starts_with("--"));
     }
     let mut cmd = Command::new(KTPROXY);
-    cmd.arg("-c").arg(cg.path());
+    cmd.arg("-c").arg(cg.path()).args(relay_args(&opts));
     if !own_listen {
         cmd.args(["-l", "127.0.0.1:0"]);
     }
@@ -65,7 +78,10 @@ pub fn ktproxy_command(cg: &TestCgroup, extra: &[&str]) -> Command {
 pub fn ktproxy_in_netns(cg: &TestCgroup, ns: &NetNs, extra: &[&str]) -> Command {
     let ns_path = CString::new(format!("/run/netns/{}", ns.name())).unwrap();
     let mut cmd = Command::new(KTPROXY);
-    cmd.arg("-c").arg(cg.path()).args(extra);
+    cmd.arg("-c")
+        .arg(cg.path())
+        .args(relay_args(extra))
+        .args(extra);
     // SAFETY: open, setns and close are async-signal-safe syscalls on
     // memory prepared before fork.
     unsafe {

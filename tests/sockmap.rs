@@ -1,0 +1,1048 @@
+//! The sockmap relay (`--relay sockmap`): each hazard of handing an
+//! established pair to the kernel, a stress test run against both relays,
+//! and kill -9 in the middle of kernel-relayed transfers.
+//!
+//! The clients are this test binary run again inside the test cgroup, as
+//! the ignored test `client_process` (only processes in the cgroup are
+//! redirected). A client runs connection plans (`Plan`) against a
+//! `PlanServer` on threads of the test process; both ends check every byte
+//! they receive against the stream the plan says the other end sends.
+//!
+//! `KTPROXY_STRESS_CONNECTIONS` (default 5000) and `KTPROXY_STRESS_SEED`
+//! (default: from the clock, printed) set the stress test's size and plans.
+
+mod common;
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Both relays, for the tests that hold for each.
+const RELAYS: [&str; 2] = ["sockmap", "splice"];
+const CLIENT_ENV: &str = "KTPROXY_SOCKMAP_TEST_CLIENT";
+/// Bound for a client run of a few connections.
+const SHORT: Duration = Duration::from_secs(60);
+
+// ---- connection plans and their byte streams ----------------------------------
+
+/// What one connection does. The client sends `HEADER` bytes (the plan),
+/// then `up` bytes of the stream keyed `key`, and half-closes once it has
+/// received `client_close_at` of the `down` bytes the server sends (the
+/// stream keyed `!key`); the server half-closes once it has sent them and
+/// received `server_close_at` bytes. Either side may wait before it starts
+/// reading, and with `banner` the server speaks first: 8 bytes before it
+/// reads the plan, which the client waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Plan {
+    up: u64,
+    down: u64,
+    key: u64,
+    client_close_at: u64,
+    server_close_at: u64,
+    client_pause_ms: u64,
+    server_pause_ms: u64,
+    banner: bool,
+}
+
+const HEADER: usize = 8 * 8;
+const BANNER: &[u8; 8] = b"banner!\n";
+
+impl Plan {
+    fn encode(&self) -> [u8; HEADER] {
+        let words = [
+            self.up,
+            self.down,
+            self.key,
+            self.client_close_at,
+            self.server_close_at,
+            self.client_pause_ms,
+            self.server_pause_ms,
+            u64::from(self.banner),
+        ];
+        let mut b = [0u8; HEADER];
+        for (i, w) in words.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    fn decode(b: &[u8; HEADER]) -> Plan {
+        let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        Plan {
+            up: w(0),
+            down: w(1),
+            key: w(2),
+            client_close_at: w(3),
+            server_close_at: w(4),
+            client_pause_ms: w(5),
+            server_pause_ms: w(6),
+            banner: w(7) != 0,
+        }
+    }
+
+    /// Bytes ktproxy relays client → server and server → client.
+    fn relayed(&self) -> (u64, u64) {
+        let banner = if self.banner { BANNER.len() as u64 } else { 0 };
+        (HEADER as u64 + self.up, banner + self.down)
+    }
+
+    /// Plan `i` of the stress test with `seed`: a random direction mix
+    /// (upload only, download only, both), sizes from 0 B to 8 MiB spread
+    /// evenly over their orders of magnitude, and half-closes at random
+    /// points of the other direction.
+    fn random(seed: u64, i: u64) -> Plan {
+        let mut rng = XorShift(seed ^ (i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for _ in 0..4 {
+            rng.next();
+        }
+        let size = |rng: &mut XorShift| {
+            // One in 16 is empty; the rest log-uniform over 1 B ..= 8 MiB.
+            if rng.below(16) == 0 {
+                0
+            } else {
+                let bits = rng.below(24);
+                (1u64 << bits) + rng.below(1u64 << bits)
+            }
+        };
+        let (up, down) = match rng.below(3) {
+            0 => (size(&mut rng), 0),
+            1 => (0, size(&mut rng)),
+            _ => (size(&mut rng), size(&mut rng)),
+        };
+        Plan {
+            up,
+            down,
+            key: rng.next(),
+            client_close_at: rng.below(down + 1),
+            server_close_at: rng.below(up + 1),
+            client_pause_ms: 0,
+            server_pause_ms: 0,
+            banner: rng.below(8) == 0,
+        }
+    }
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+/// The bytes of one direction: xorshift64 words, little-endian, from `key`.
+struct Stream {
+    rng: XorShift,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Stream {
+    fn new(key: u64) -> Stream {
+        Stream {
+            rng: XorShift(key | 1),
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        let mut i = 0;
+        while i < out.len() && self.used < 8 {
+            out[i] = self.word[self.used];
+            self.used += 1;
+            i += 1;
+        }
+        let mut chunks = out[i..].chunks_exact_mut(8);
+        for c in &mut chunks {
+            c.copy_from_slice(&self.rng.next().to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        if !rest.is_empty() {
+            self.word = self.rng.next().to_le_bytes();
+            let n = rest.len();
+            rest.copy_from_slice(&self.word[..n]);
+            self.used = n;
+        }
+    }
+}
+
+/// Sends `n` bytes of `stream`.
+fn send_stream(mut to: &TcpStream, stream: &mut Stream, n: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        stream.fill(&mut buf[..k]);
+        to.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    Ok(())
+}
+
+/// Reads to EOF, checking every byte against `stream`; returns how many
+/// came. `progress` is told the count as it grows.
+fn check_stream(
+    mut from: &TcpStream,
+    stream: &mut Stream,
+    mut progress: impl FnMut(u64),
+) -> Result<u64, String> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut want = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("read after {total} bytes: {e}")),
+        };
+        stream.fill(&mut want[..n]);
+        if buf[..n] != want[..n] {
+            let at = buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b);
+            return Err(format!(
+                "byte {} differs from the stream",
+                total + at.unwrap_or(0) as u64
+            ));
+        }
+        total += n as u64;
+        progress(total);
+    }
+}
+
+// ---- the server: plans on threads of the test process ----------------------------
+
+#[derive(Default)]
+struct Tally {
+    done: u64,
+    failures: Vec<String>,
+}
+
+/// Serves plans, one thread per connection, and keeps the tally: on `addr`
+/// the client speaks first, on `banner_addr` the server.
+struct PlanServer {
+    addr: SocketAddr,
+    banner_addr: SocketAddr,
+    tally: Arc<Mutex<Tally>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl PlanServer {
+    fn start() -> PlanServer {
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let [addr, banner_addr] = [false, true].map(|banner| {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("binding the plan server");
+            let addr = listener.local_addr().unwrap();
+            let (t, s) = (Arc::clone(&tally), Arc::clone(&stop));
+            thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if s.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let t = Arc::clone(&t);
+                    thread::spawn(move || {
+                        let r = serve_plan(&conn, banner);
+                        let mut t = t.lock().unwrap();
+                        t.done += 1;
+                        if let Err(e) = r {
+                            t.failures.push(e);
+                        }
+                    });
+                }
+            });
+            addr
+        });
+        PlanServer {
+            addr,
+            banner_addr,
+            tally,
+            stop,
+        }
+    }
+
+    /// The client's view: "ADDR BANNER_ADDR".
+    fn addrs(&self) -> String {
+        format!("{} {}", self.addr, self.banner_addr)
+    }
+
+    /// Waits until `n` connections are done; returns their failures.
+    fn wait_done(&self, n: u64, timeout: Duration) -> Vec<String> {
+        let ok = wait_until(timeout, || self.tally.lock().unwrap().done >= n);
+        let t = self.tally.lock().unwrap();
+        assert!(ok, "the server finished {} of {n} connections", t.done);
+        t.failures.clone()
+    }
+}
+
+impl Drop for PlanServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+        let _ = TcpStream::connect(self.banner_addr);
+    }
+}
+
+fn serve_plan(conn: &TcpStream, banner_first: bool) -> Result<(), String> {
+    let mut c = conn;
+    let peer = conn.peer_addr().map_err(|e| e.to_string())?;
+    let fail = |what: String| format!("server, connection from {peer}: {what}");
+    let mut header = [0u8; HEADER];
+    if banner_first {
+        c.write_all(BANNER)
+            .map_err(|e| fail(format!("banner: {e}")))?;
+    }
+    c.read_exact(&mut header)
+        .map_err(|e| fail(format!("reading the plan: {e}")))?;
+    let plan = Plan::decode(&header);
+    if plan.banner != banner_first {
+        return Err(fail(format!(
+            "banner expected {}, sent {banner_first}",
+            plan.banner
+        )));
+    }
+    let received = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel::<()>();
+    let writer = {
+        let conn = conn.try_clone().map_err(|e| e.to_string())?;
+        let received = Arc::clone(&received);
+        thread::spawn(move || -> Result<(), String> {
+            send_stream(&conn, &mut Stream::new(!plan.key), plan.down)
+                .map_err(|e| format!("sending {} bytes: {e}", plan.down))?;
+            while received.load(Ordering::SeqCst) < plan.server_close_at {
+                if rx.recv().is_err() {
+                    break;
+                }
+            }
+            conn.shutdown(Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))
+        })
+    };
+    thread::sleep(Duration::from_millis(plan.server_pause_ms));
+    let got = check_stream(conn, &mut Stream::new(plan.key), |n| {
+        received.store(n, Ordering::SeqCst);
+        let _ = tx.send(());
+    });
+    drop(tx);
+    let sent = writer
+        .join()
+        .unwrap_or_else(|_| Err("writer panicked".into()));
+    let got = got.map_err(fail)?;
+    sent.map_err(fail)?;
+    if got != plan.up {
+        return Err(fail(format!("{got} bytes arrived, {} were sent", plan.up)));
+    }
+    Ok(())
+}
+
+// ---- the client process -----------------------------------------------------------
+
+/// Runs one plan against `addrs` (plan first, banner first).
+fn client_plan(addrs: [SocketAddr; 2], plan: Plan) -> Result<(), String> {
+    let addr = addrs[usize::from(plan.banner)];
+    let conn = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    let mut c = &conn;
+    if plan.banner {
+        let mut b = [0u8; 8];
+        c.read_exact(&mut b)
+            .map_err(|e| format!("reading the banner: {e}"))?;
+        if &b != BANNER {
+            return Err(format!("banner {b:?}"));
+        }
+    }
+    c.write_all(&plan.encode())
+        .map_err(|e| format!("sending the plan: {e}"))?;
+    let received = Arc::new(AtomicU64::new(0));
+    let (tx, rx) = mpsc::channel::<()>();
+    let writer = {
+        let conn = conn.try_clone().map_err(|e| e.to_string())?;
+        let received = Arc::clone(&received);
+        thread::spawn(move || -> Result<(), String> {
+            send_stream(&conn, &mut Stream::new(plan.key), plan.up)
+                .map_err(|e| format!("sending {} bytes: {e}", plan.up))?;
+            while received.load(Ordering::SeqCst) < plan.client_close_at {
+                if rx.recv().is_err() {
+                    break;
+                }
+            }
+            conn.shutdown(Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))
+        })
+    };
+    thread::sleep(Duration::from_millis(plan.client_pause_ms));
+    let got = check_stream(&conn, &mut Stream::new(!plan.key), |n| {
+        received.store(n, Ordering::SeqCst);
+        let _ = tx.send(());
+    });
+    drop(tx);
+    let sent = writer
+        .join()
+        .unwrap_or_else(|_| Err("writer panicked".into()));
+    let got = got?;
+    sent?;
+    if got != plan.down {
+        return Err(format!("{got} bytes arrived, {} were sent", plan.down));
+    }
+    Ok(())
+}
+
+/// Not a test: the client process that tests start inside their cgroup
+/// (`CLIENT_ENV` = "ADDR BANNER_ADDR WORKERS SEED COUNT" for random plans,
+/// or "ADDR BANNER_ADDR 1 plan PLAN_HEX..." for given ones). Prints `done N
+/// failed M` and the first failures; exits 1 if any failed.
+#[test]
+#[ignore = "a helper: run by the other tests as their client process"]
+fn client_process() {
+    let Ok(spec) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let all: Vec<&str> = spec.split_whitespace().collect();
+    let addrs: [SocketAddr; 2] = [0, 1].map(|i| all[i].parse().expect("server address"));
+    let words = &all[1..];
+    let workers: usize = words[1].parse().expect("worker count");
+    let plans: Vec<Plan> = if words[2] == "plan" {
+        words[3..]
+            .iter()
+            .map(|h| {
+                let bytes: Vec<u8> = (0..h.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+                    .collect();
+                Plan::decode(&bytes.try_into().expect("plan size"))
+            })
+            .collect()
+    } else {
+        let seed: u64 = words[2].parse().expect("seed");
+        let count: u64 = words[3].parse().expect("count");
+        (0..count).map(|i| Plan::random(seed, i)).collect()
+    };
+    let plans = Arc::new(plans);
+    let next = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|_| {
+            let (plans, next, failures) =
+                (Arc::clone(&plans), Arc::clone(&next), Arc::clone(&failures));
+            thread::spawn(move || loop {
+                let i = next.fetch_add(1, Ordering::SeqCst) as usize;
+                let Some(plan) = plans.get(i) else { return };
+                if let Err(e) = client_plan(addrs, *plan) {
+                    failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("client, plan {i} {plan:?}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    println!(
+        "done {} failed {} in {:.1} s",
+        plans.len(),
+        failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    for f in failures.iter().take(10) {
+        println!("{f}");
+    }
+    if !failures.is_empty() {
+        std::process::exit(1);
+    }
+}
+
+/// Runs the client process in `cg` with `spec`, within `timeout`.
+fn run_client(cg: &TestCgroup, spec: &str, timeout: Duration) -> Output {
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut cmd = cg.command(exe);
+    cmd.args([
+        "client_process",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(CLIENT_ENV, spec);
+    run_within(&mut cmd, timeout)
+}
+
+fn plans_spec(server: &PlanServer, plans: &[Plan]) -> String {
+    let hex: Vec<String> = plans
+        .iter()
+        .map(|p| p.encode().iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    format!("{} 1 plan {}", server.addrs(), hex.join(" "))
+}
+
+/// Runs `plans` one after another through a ktproxy with `relay`; asserts
+/// both ends saw every byte and the log counted them. Returns the log.
+fn run_plans(relay: &str, name: &str, plans: &[Plan], extra: &[&str]) -> String {
+    require_root();
+    let cg = TestCgroup::new(&format!("{name}_{relay}"));
+    let server = PlanServer::start();
+    let mut args = vec!["--relay", relay];
+    args.extend_from_slice(extra);
+    let proxy = Proxy::start(&cg, &args);
+    let out = run_client(&cg, &plans_spec(&server, plans), SHORT);
+    assert!(out.status.success(), "{relay}: {}", describe(&out));
+    let failures = server.wait_done(plans.len() as u64, LOG_TIMEOUT);
+    assert!(failures.is_empty(), "{relay}: {failures:?}");
+    let log = wait_closed(&proxy, plans.len());
+    assert_byte_counts(&log, plans, relay);
+    log
+}
+
+/// Waits until the log has `n` connection ends; returns it.
+fn wait_closed(proxy: &Proxy, n: usize) -> String {
+    let mut log = String::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        log = proxy.log();
+        log.matches("Connection closed").count() + log.matches("Connection reset").count() >= n
+    });
+    assert!(ok, "not every connection ended:\n{}", tail(&log, 40));
+    log
+}
+
+/// The close lines count exactly the bytes the plans relayed.
+fn assert_byte_counts(log: &str, plans: &[Plan], relay: &str) {
+    let closed: Vec<(u64, u64)> = log
+        .lines()
+        .filter(|l| l.contains("Connection closed"))
+        .filter_map(byte_counts)
+        .collect();
+    let resets: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Connection reset"))
+        .collect();
+    assert!(resets.is_empty(), "{relay}: resets: {resets:?}");
+    assert_eq!(closed.len(), plans.len(), "{relay}: close lines");
+    let want = plans.iter().fold((0, 0), |(u, d), p| {
+        let (pu, pd) = p.relayed();
+        (u + pu, d + pd)
+    });
+    let got = closed
+        .iter()
+        .fold((0, 0), |(u, d), (cu, cd)| (u + cu, d + cd));
+    assert_eq!(got, want, "{relay}: bytes (sent, received) in the log");
+}
+
+// ---- the hazards ----------------------------------------------------------------------
+
+/// Every connection of a run with `relay` went through the kernel.
+fn assert_all_in_kernel(log: &str, n: usize) {
+    assert_eq!(
+        log.matches("Relaying in the kernel (sockmap)").count(),
+        n,
+        "{}",
+        tail(log, 30)
+    );
+    assert!(!log.contains("sockmap refused"), "{}", tail(log, 30));
+}
+
+#[test]
+fn bytes_that_arrived_before_the_pair_joined_are_relayed_first() {
+    // The client's plan is in its socket before ktproxy has even dialed, and
+    // the server says nothing until it has read it; with a banner, the
+    // server's first bytes are in the dialed socket first. Nothing else
+    // arrives to wake the verdict: without the SO_RCVLOWAT nudge both wait
+    // for ever. (The client half-closes only at the end: a FIN that came
+    // before the pair joined would have the kernel refuse it.)
+    let plans = [
+        Plan {
+            down: 1000,
+            key: 1,
+            client_close_at: 1000,
+            ..Plan::default()
+        },
+        Plan {
+            up: 10,
+            down: 10,
+            key: 2,
+            banner: true,
+            ..Plan::default()
+        },
+    ];
+    let log = run_plans("sockmap", "early_bytes", &plans, &[]);
+    assert_all_in_kernel(&log, plans.len());
+}
+
+#[test]
+fn an_eof_waits_for_bytes_still_queued_in_the_kernel_in_both_directions() {
+    // 8 MiB and the FIN right behind them, to a reader that starts 300 ms
+    // later: the FIN is seen while most bytes still wait in the peer's
+    // psock backlog. A half-close forwarded then would lose them (the
+    // backlog would fail with EPIPE).
+    for relay in RELAYS {
+        let plans = [
+            Plan {
+                up: 8 << 20,
+                key: 3,
+                server_pause_ms: 300,
+                ..Plan::default()
+            },
+            Plan {
+                down: 8 << 20,
+                key: 4,
+                client_pause_ms: 300,
+                client_close_at: 8 << 20,
+                ..Plan::default()
+            },
+            Plan {
+                up: 8 << 20,
+                down: 8 << 20,
+                key: 5,
+                client_pause_ms: 200,
+                server_pause_ms: 300,
+                ..Plan::default()
+            },
+        ];
+        let log = run_plans(relay, "eof_waits", &plans, &[]);
+        if relay == "sockmap" {
+            assert_all_in_kernel(&log, plans.len());
+        }
+    }
+}
+
+#[test]
+fn the_upstream_handshake_ends_before_the_pair_joins() {
+    // Through SOCKS5 the dialed socket first carries the handshake, which
+    // ktproxy reads itself; the server's banner follows the reply at once.
+    // (microsocks closes both ends at the first EOF: no half-close before
+    // everything has arrived.)
+    let socks = Peer::microsocks(None);
+    let url = socks.socks5_url();
+    let plans = [
+        Plan {
+            up: 100_000,
+            down: 100_000,
+            key: 6,
+            banner: true,
+            client_close_at: 100_000,
+            server_close_at: 100_000,
+            ..Plan::default()
+        },
+        Plan {
+            up: 3 << 20,
+            down: 1 << 20,
+            key: 7,
+            client_close_at: 1 << 20,
+            server_close_at: 3 << 20,
+            ..Plan::default()
+        },
+    ];
+    for relay in RELAYS {
+        let log = run_plans(relay, "upstream", &plans, &["-u", &url]);
+        if relay == "sockmap" {
+            assert_all_in_kernel(&log, plans.len());
+        }
+    }
+}
+
+/// A server that reads a little, then resets the connection (SO_LINGER 0).
+fn reset_after_reading(mut conn: TcpStream) {
+    let mut buf = [0u8; 1000];
+    let _ = conn.read_exact(&mut buf);
+    sys_linger_zero(&conn);
+}
+
+fn sys_linger_zero(conn: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: l is a linger struct, as SO_LINGER wants, alive for the call.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(conn),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+#[test]
+fn a_reset_from_either_side_reaches_the_other_side_as_a_reset() {
+    for relay in RELAYS {
+        require_root();
+        let cg = TestCgroup::new(&format!("reset_{relay}"));
+        let proxy = Proxy::start(&cg, &["--relay", relay, "-v"]);
+
+        // The server resets while the client is still sending.
+        let server = TestServer::start("127.0.0.1:0".parse().unwrap(), reset_after_reading, true);
+        let py = format!(
+            "import socket, sys, time\n\
+             s = socket.create_connection(('{ip}', {port}))\n\
+             try:\n\
+             \x20   for _ in range(2000):\n\
+             \x20       s.sendall(b'x' * 65536)\n\
+             \x20   print('no reset'); sys.exit(1)\n\
+             except ConnectionError:\n\
+             \x20   print('reset')\n",
+            ip = server.addr().ip(),
+            port = server.addr().port()
+        );
+        let out = cg.run(python(), &["-c", &py], SHORT);
+        assert!(out.status.success(), "{relay}: {}", describe(&out));
+        let log = proxy.wait_log("Connection reset", LOG_TIMEOUT);
+        if relay == "sockmap" {
+            assert!(log.contains("Relaying in the kernel"), "{log}");
+        }
+
+        // The client resets while the server is still sending.
+        let (tx, rx) = mpsc::channel();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let serving = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let r = (|| -> io::Result<()> {
+                for _ in 0..2000 {
+                    conn.write_all(&[b'y'; 65536])?;
+                }
+                Ok(())
+            })();
+            tx.send(r.err().map(|e| e.kind())).unwrap();
+        });
+        let py = format!(
+            "import socket, struct\n\
+             s = socket.create_connection(('{ip}', {port}))\n\
+             s.recv(1000)\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n\
+             s.close()\n",
+            ip = addr.ip(),
+            port = addr.port()
+        );
+        let out = cg.run(python(), &["-c", &py], SHORT);
+        assert!(out.status.success(), "{relay}: {}", describe(&out));
+        let kind = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{relay}: the server was never told the client reset"));
+        assert!(
+            matches!(
+                kind,
+                Some(ErrorKind::ConnectionReset | ErrorKind::BrokenPipe)
+            ),
+            "{relay}: the server saw {kind:?}"
+        );
+        serving.join().unwrap();
+        wait_log_count(&proxy, "Connection reset", 1);
+    }
+}
+
+#[test]
+fn a_pair_the_kernel_refuses_is_spliced_and_counted() {
+    require_root();
+    // The client sends its plan, its bytes and its FIN at once. The server
+    // listens with a full accept queue for its first 300 ms, so the kernel
+    // drops ktproxy's SYN and resends it a second later: by then the client
+    // socket is in CLOSE_WAIT, which a sockhash refuses.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // SAFETY: listen(2) on a socket we own, to shrink its backlog to one.
+    let r = unsafe { libc::listen(fd, 0) };
+    assert_eq!(r, 0, "listen: {}", io::Error::last_os_error());
+    let filler = TcpStream::connect(addr).unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        let _ = listener.accept();
+        drop(filler);
+        let (conn, _) = listener.accept().unwrap();
+        tx.send(serve_plan(&conn, false)).unwrap();
+    });
+    let cg = TestCgroup::new("refused");
+    let mut proxy = Proxy::start(&cg, &["--relay", "sockmap"]);
+    let plan = Plan {
+        up: 5000,
+        down: 70_000,
+        key: 8,
+        ..Plan::default()
+    };
+    let spec = format!("{addr} {addr} 1 plan {}", {
+        let hex: String = plan.encode().iter().map(|b| format!("{b:02x}")).collect();
+        hex
+    });
+    let out = run_client(&cg, &spec, SHORT);
+    assert!(out.status.success(), "{}", describe(&out));
+    let served = rx
+        .recv_timeout(LOG_TIMEOUT)
+        .expect("the server served nothing");
+    assert_eq!(served, Ok(()));
+    let log = wait_closed(&proxy, 1);
+    assert!(
+        log.contains("sockmap refused the pair") && log.contains("relaying with splice"),
+        "{}",
+        tail(&log, 20)
+    );
+    assert_byte_counts(&log, &[plan], "refused");
+    proxy.stop_term();
+    let counters = kernel_counters(&proxy.log()).expect("exit line");
+    assert_eq!(counters.get("relay_spliced"), Some(&1), "{counters:?}");
+    assert_eq!(counters.get("relay_sockmap"), Some(&0), "{counters:?}");
+}
+
+// ---- stress ------------------------------------------------------------------------------
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// Thousands of connections with random sizes, directions and half-close
+/// points through one ktproxy with `relay`: every byte arrives in order,
+/// the log counts every byte, and nothing is left in the relay's maps.
+fn stress(relay: &str) {
+    require_root();
+    let count = env_u64("KTPROXY_STRESS_CONNECTIONS").unwrap_or(5000);
+    let seed = env_u64("KTPROXY_STRESS_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
+    let cg = TestCgroup::new(&format!("stress_{relay}"));
+    let server = PlanServer::start();
+    let mut proxy = Proxy::start(&cg, &["--relay", relay]);
+    let plans: Vec<Plan> = (0..count).map(|i| Plan::random(seed, i)).collect();
+    let (up, down) = plans
+        .iter()
+        .fold((0, 0), |(u, d), p| (u + p.up, d + p.down));
+    eprintln!(
+        "stress {relay}: seed {seed}, {count} connections, {} MiB up, {} MiB down",
+        up >> 20,
+        down >> 20
+    );
+    let started = Instant::now();
+    let out = run_client(
+        &cg,
+        &format!("{} 8 {seed} {count}", server.addrs()),
+        Duration::from_secs(600),
+    );
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{relay}, seed {seed}: {}",
+        describe(&out)
+    );
+    let failures = server.wait_done(count, LOG_TIMEOUT);
+    assert!(failures.is_empty(), "{relay}, seed {seed}: {failures:?}");
+    let log = wait_closed(&proxy, count as usize);
+    assert_byte_counts(&log, &plans, relay);
+    if relay == "sockmap" {
+        for name in ["relay_ends", "relay_peers", "relay_verdict"] {
+            let id = held_map(proxy.pid(), name);
+            assert_eq!(map_entry_count(id), 0, "{name} keeps entries");
+        }
+    }
+    proxy.stop_term();
+    let counters = kernel_counters(&proxy.log()).expect("exit line");
+    eprintln!(
+        "stress {relay}: {count} connections, 0 mismatches in {:.1} s; {}",
+        took.as_secs_f64(),
+        stdout(&out).trim()
+    );
+    if relay == "sockmap" {
+        let (kernel, spliced) = (counters["relay_sockmap"], counters["relay_spliced"]);
+        eprintln!("stress sockmap: {kernel} pairs in the kernel, {spliced} spliced");
+        assert_eq!(kernel + spliced, count, "{counters:?}");
+        assert_eq!(counters["relay_dropped"], 0, "{counters:?}");
+    }
+}
+
+#[test]
+fn stress_random_sizes_directions_and_half_closes_sockmap() {
+    stress("sockmap");
+}
+
+#[test]
+fn stress_random_sizes_directions_and_half_closes_splice() {
+    stress("splice");
+}
+
+// ---- kill -9 ---------------------------------------------------------------------------------
+
+/// The ids of the BPF objects (maps, programs, links) a process holds.
+fn bpf_ids(pid: i32) -> Vec<(String, u64)> {
+    let mut ids = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return ids;
+    };
+    for e in dir.flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        for line in text.lines() {
+            for kind in ["map_id", "prog_id", "link_id"] {
+                if let Some(v) = line.strip_prefix(&format!("{kind}:")) {
+                    if let Ok(id) = v.trim().parse() {
+                        ids.push((kind.to_string(), id));
+                    }
+                }
+            }
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// The id of the map called `name` among those process `pid` holds.
+fn held_map(pid: i32, name: &str) -> u64 {
+    bpf_ids(pid)
+        .into_iter()
+        .filter(|(kind, _)| kind == "map_id")
+        .map(|(_, id)| id)
+        .find(|id| {
+            let out = Command::new("bpftool")
+                .args(["map", "show", "id", &id.to_string()])
+                .output()
+                .expect("running bpftool");
+            String::from_utf8_lossy(&out.stdout).contains(&format!("name {name} "))
+        })
+        .unwrap_or_else(|| panic!("pid {pid} holds no map {name}"))
+}
+
+fn bpf_object_exists(kind: &str, id: u64) -> bool {
+    let what = match kind {
+        "map_id" => "map",
+        "prog_id" => "prog",
+        _ => "link",
+    };
+    Command::new("bpftool")
+        .args([what, "show", "id", &id.to_string()])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn kill_9_mid_transfer_ends_the_connections_and_leaves_nothing() {
+    require_root();
+    need("bpftool");
+    let cg = TestCgroup::new("sockmap_kill_9");
+    // Servers that stream until the client goes away.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ended = Arc::new(AtomicU64::new(0));
+    let e = Arc::clone(&ended);
+    thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let e = Arc::clone(&e);
+            thread::spawn(move || {
+                let mut c = &conn;
+                let mut buf = [0u8; 65536];
+                // Echo until EOF or error; either ends the connection.
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                e.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let mut proxy = Proxy::start(&cg, &["--relay", "sockmap"]);
+    let ids = bpf_ids(proxy.pid());
+    assert!(
+        ids.iter().any(|(k, _)| k == "link_id"),
+        "ktproxy holds no bpf links: {ids:?}"
+    );
+
+    // Four clients that stream through ktproxy for as long as it lives.
+    let py = format!(
+        "import socket, threading, time\n\
+         s = socket.create_connection(('{ip}', {port}))\n\
+         got = [0]\n\
+         def rd():\n\
+         \x20   while True:\n\
+         \x20       try: b = s.recv(65536)\n\
+         \x20       except OSError: b = b''\n\
+         \x20       if not b: break\n\
+         \x20       got[0] += len(b)\n\
+         threading.Thread(target=rd, daemon=True).start()\n\
+         end = time.time() + 30\n\
+         try:\n\
+         \x20   while time.time() < end: s.sendall(b'z' * 65536)\n\
+         \x20   print('never ended')\n\
+         except OSError as e:\n\
+         \x20   print('ended after', got[0], e)\n",
+        ip = addr.ip(),
+        port = addr.port()
+    );
+    let clients: Vec<KillOnDrop> = (0..4)
+        .map(|_| {
+            KillOnDrop::spawn(
+                cg.command(python())
+                    .args(["-c", &py])
+                    .stdout(std::process::Stdio::piped()),
+            )
+        })
+        .collect();
+    let log = {
+        let mut log = String::new();
+        let ok = wait_until(Duration::from_secs(10), || {
+            log = proxy.log();
+            log.matches("Relaying in the kernel").count() >= 4
+        });
+        assert!(ok, "{}", tail(&log, 30));
+        log
+    };
+    thread::sleep(Duration::from_millis(300));
+    assert!(!log.contains("Connection closed"), "{log}");
+
+    proxy.kill9();
+    let started = Instant::now();
+    for mut c in clients {
+        let status = wait_child(&mut c.0, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("a client was still streaming 10 s after kill -9"));
+        let mut out = String::new();
+        c.0.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+        assert!(status.success() && out.contains("ended after"), "{out}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || ended.load(Ordering::SeqCst) >= 4),
+        "the server still has {} connections",
+        4 - ended.load(Ordering::SeqCst)
+    );
+    eprintln!(
+        "kill -9: every connection ended within {:?}",
+        started.elapsed()
+    );
+    // Every map (the sockhashes too), program and link ktproxy held is gone.
+    let gone = wait_until(Duration::from_secs(5), || {
+        ids.iter().all(|(k, id)| !bpf_object_exists(k, *id))
+    });
+    let left: Vec<_> = ids
+        .iter()
+        .filter(|(k, id)| bpf_object_exists(k, *id))
+        .collect();
+    assert!(gone, "left after kill -9: {left:?}");
+}
