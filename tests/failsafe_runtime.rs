@@ -336,12 +336,6 @@ fn stderr_into_a_pipe_nobody_reads_neither_stops_proxying_nor_delays_the_exit() 
 
 // ---- running out of descriptors -------------------------------------------------
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 /// The pipes a process has open, e.g. `pipe:[1234]`.
 fn pipes_of(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -414,25 +408,6 @@ fn a_transfer_in_progress_completes_intact_when_descriptors_run_out() {
         tail(&log, 20)
     );
     drop((holder, more));
-}
-
-/// prlimit(RLIMIT_NOFILE) on process `pid`, soft and hard. Below the number
-/// of descriptors open, it only stops new ones.
-fn set_fd_limit(pid: u32, limit: usize) {
-    let rl = libc::rlimit {
-        rlim_cur: limit as libc::rlim_t,
-        rlim_max: limit as libc::rlim_t,
-    };
-    // SAFETY: prlimit with a valid new limit and no old-limit pointer.
-    let r = unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &rl,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(r, 0, "prlimit: {}", io::Error::last_os_error());
 }
 
 /// A process in `cg` holding `n` idle connections to `addr` until dropped.
