@@ -1,0 +1,68 @@
+#!/bin/bash
+# The short check of a scripts/vmtest.sh --smoke guest: ktproxy loads and
+# attaches, a curl in the intercepted cgroup is redirected through it, the
+# client's getpeername() shows the original peer, and SIGTERM detaches
+# everything and exits 0. The last line says what passed or what failed.
+set -u
+bin=$(cat /vmtest/bin)
+tmp=$(mktemp -d)
+cg=/sys/fs/cgroup/vmtest-smoke
+mkdir -p "$cg"
+
+fail() {
+	echo "--- ktproxy log"
+	cat "$tmp/ktproxy.log" 2>/dev/null
+	echo "smoke: FAILED: $*"
+	exit 1
+}
+# wait_for FILE REGEX SECONDS
+wait_for() {
+	local i
+	for ((i = 0; i < $3 * 10; i++)); do
+		grep -q -- "$2" "$1" 2>/dev/null && return 0
+		sleep 0.1
+	done
+	return 1
+}
+# in_cgroup COMMAND...: runs COMMAND as a member of the intercepted cgroup.
+in_cgroup() {
+	sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg" "$@"
+}
+
+"$bin/testserver" -l 127.0.0.1:0 >"$tmp/server.log" 2>&1 &
+wait_for "$tmp/server.log" '^testserver listening on ' 20 || fail "testserver did not start"
+server=$(sed -n 's/^testserver listening on //p' "$tmp/server.log")
+
+start=$(date +%s.%N)
+"$bin/ktproxy" -c "$cg" -l 127.0.0.1:0 >"$tmp/ktproxy.log" 2>&1 &
+kt=$!
+wait_for "$tmp/ktproxy.log" ready 60 || fail "ktproxy not ready within 60 s"
+ready=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")
+echo "ready after $ready s"
+bpftool cgroup show "$cg"
+n=$(bpftool cgroup show "$cg" | grep -c ktproxy_)
+[[ $n -eq 5 ]] || fail "$n ktproxy programs attached to $cg, expected 5"
+
+body=$(in_cgroup curl -sS --max-time 20 "http://$server/") || fail "curl failed"
+echo "curl: $body"
+[[ $body == *"testserver at $server,"* ]] || fail "reply does not name $server: $body"
+wait_for "$tmp/ktproxy.log" 'Proxy connection established' 5 ||
+	fail "curl reached the server, but not through ktproxy"
+
+host=${server%:*}
+port=${server##*:}
+peer=$(in_cgroup python3 -c '
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=20)
+print("%s:%d" % s.getpeername()[:2])' "$host" "$port") || fail "python client failed"
+[[ $peer == "$server" ]] || fail "getpeername() says $peer, not $server"
+echo "getpeername: $peer"
+
+kill -TERM "$kt"
+wait "$kt"
+rc=$?
+[[ $rc -eq 0 ]] || fail "ktproxy exited $rc on SIGTERM"
+n=$(bpftool cgroup show "$cg" | grep -c ktproxy_)
+[[ $n -eq 0 ]] || fail "$n programs still attached after SIGTERM"
+cat "$tmp/ktproxy.log"
+echo "smoke: ready in $ready s, curl redirected, getpeername rewritten, SIGTERM clean"
