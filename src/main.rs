@@ -63,11 +63,7 @@ fn main() {
 fn run(cfg: Config) -> Result<i32> {
     init_logging(cfg.log_level);
     preflight::check_privileges()?;
-    let (kernel, release) = preflight::kernel_version();
-    if kernel.is_some_and(|k| k < preflight::MIN_KERNEL) {
-        let (maj, min) = preflight::MIN_KERNEL;
-        warn!("kernel {release} is older than {maj}.{min}, which ktproxy needs; loading will probably fail");
-    }
+    preflight::check_kernel()?;
 
     let root = cgroup::root()?;
     let given = cfg.cgroup.as_deref().map(cgroup::check_dir).transpose()?;
