@@ -258,9 +258,19 @@ install -m 755 scripts/vmtest/init.sh "$root/sbin/vmtest-init"
 install -m 755 scripts/vmtest/smoke.sh "$root/sbin/vmtest-smoke"
 mkdir -p "$root/vmtest"
 : >"$root/vmtest/tests.tsv"
+# mkdirs DIR: DIR and its parents in the guest, with the host's modes (a
+# checkout under a 0700 home must stay out of other users' reach there too).
+mkdirs() {
+	local d=$1
+	[[ $d == / || -d $root$d ]] && return 0
+	mkdirs "$(dirname "$d")"
+	mkdir "$root$d"
+	chmod "$(stat -c %a "$d")" "$root$d"
+}
 for a in "${artifacts[@]}"; do
 	IFS=$'\t' read -r kind exe dir label <<<"$a"
-	mkdir -p "$root$(dirname "$exe")" "$root$dir"
+	mkdirs "$(dirname "$exe")"
+	mkdirs "$dir"
 	cp "$exe" "$root$exe"
 	if [[ $kind == test ]]; then
 		printf '%s\t%s\t%s\n' "$label" "$exe" "$dir" >>"$root/vmtest/tests.tsv"

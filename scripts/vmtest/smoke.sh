@@ -1,8 +1,8 @@
 #!/bin/bash
 # The short check of a scripts/vmtest.sh --smoke guest: ktproxy loads and
-# attaches, a curl in the intercepted cgroup is redirected through it, the
-# client's getpeername() shows the original peer, and SIGTERM detaches
-# everything and exits 0. The last line says what passed or what failed.
+# attaches, curls over IPv4 and IPv6 in the intercepted cgroup are redirected
+# through it, the client's getpeername() shows the original peer, and SIGTERM
+# detaches everything and exits 0. The last line says what passed or failed.
 set -u
 bin=$(cat /vmtest/bin)
 tmp=$(mktemp -d)
@@ -29,12 +29,19 @@ in_cgroup() {
 	sh -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$cg" "$@"
 }
 
-"$bin/testserver" -l 127.0.0.1:0 >"$tmp/server.log" 2>&1 &
-wait_for "$tmp/server.log" '^testserver listening on ' 20 || fail "testserver did not start"
-server=$(sed -n 's/^testserver listening on //p' "$tmp/server.log")
+# testserver ADDR: starts one, prints the address it listens on.
+testserver() {
+	local log=$tmp/server-$RANDOM.log
+	"$bin/testserver" -l "$1" >"$log" 2>&1 &
+	wait_for "$log" '^testserver listening on ' 20 || fail "testserver -l $1 did not start"
+	sed -n 's/^testserver listening on //p' "$log"
+}
+server=$(testserver 127.0.0.1:0)
+server6=$(testserver '[::1]:0')
+[[ -n $server && -n $server6 ]] || fail "testserver did not start"
 
 start=$(date +%s.%N)
-"$bin/ktproxy" -c "$cg" -l 127.0.0.1:0 >"$tmp/ktproxy.log" 2>&1 &
+"$bin/ktproxy" -c "$cg" -l 127.0.0.1:0 -l '[::1]:0' >"$tmp/ktproxy.log" 2>&1 &
 kt=$!
 wait_for "$tmp/ktproxy.log" ready 60 || fail "ktproxy not ready within 60 s"
 ready=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")
@@ -46,8 +53,14 @@ n=$(bpftool cgroup show "$cg" | grep -c ktproxy_)
 body=$(in_cgroup curl -sS --max-time 20 "http://$server/") || fail "curl failed"
 echo "curl: $body"
 [[ $body == *"testserver at $server,"* ]] || fail "reply does not name $server: $body"
-wait_for "$tmp/ktproxy.log" 'Proxy connection established' 5 ||
+wait_for "$tmp/ktproxy.log" "Proxy connection established, .* to $server" 5 ||
 	fail "curl reached the server, but not through ktproxy"
+
+body=$(in_cgroup curl -sS -g --max-time 20 "http://$server6/") || fail "curl over IPv6 failed"
+echo "curl: $body"
+[[ $body == *"testserver at $server6,"* ]] || fail "reply does not name $server6: $body"
+wait_for "$tmp/ktproxy.log" "Proxy connection established, .* to \\[::1\\]:${server6##*:}\$" 5 ||
+	fail "curl reached $server6, but not through ktproxy"
 
 host=${server%:*}
 port=${server##*:}
@@ -65,4 +78,4 @@ rc=$?
 n=$(bpftool cgroup show "$cg" | grep -c ktproxy_)
 [[ $n -eq 0 ]] || fail "$n programs still attached after SIGTERM"
 cat "$tmp/ktproxy.log"
-echo "smoke: ready in $ready s, curl redirected, getpeername rewritten, SIGTERM clean"
+echo "smoke: ready in $ready s, curl redirected (IPv4, IPv6), getpeername rewritten, SIGTERM clean"
