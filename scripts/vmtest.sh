@@ -205,8 +205,17 @@ if [[ ${VMTEST_REFRESH:-0} == 1 || ! -d $base ]]; then
 	mv "$base.tmp" "$base"
 fi
 
+# What an older recipe or package list left behind.
+for d in "$cache"/base-* "$cache"/kernel-*; do
+	[[ -d $d && $d != "$base" && $d != *.tmp ]] || continue
+	[[ $d == "$cache"/kernel-* && $(cat "$d/base" 2>/dev/null) == "$base_key" ]] && continue
+	say "removing the outdated $d"
+	rm -rf "$d"
+done
+
 # kernel_dir SPEC: a directory with vmlinuz, initrd.img, modules/VERSION and
-# version (uname -r, package version), built from a copy of the base.
+# version (uname -r, package version) and base (the base's key), built from a
+# copy of the base.
 kernel_dir() {
 	local spec=$1 ksuite dir tmp
 	ksuite=
@@ -233,6 +242,7 @@ kernel_dir() {
 		mv "$tmp.root/lib/modules/$kver" "$tmp/modules/"
 		echo "$kver $(chroot "$tmp.root" dpkg-query -W -f='${Version}' "linux-image-$kver")" \
 			>"$tmp/version"
+		echo "$base_key" >"$tmp/base"
 		rm -rf "$tmp.root"
 		mv "$tmp" "$dir"
 	fi
