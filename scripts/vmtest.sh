@@ -32,10 +32,11 @@ if [[ $EUID -ne 0 ]]; then
 	exit 1
 fi
 
-# What the guest carries: whatever the tests and the smoke check run.
-# (The runtime half of scripts/deps.sh's list, plus what a bare root lacks.)
+# What the guest carries: whatever the tests and the smoke check run (the
+# runtime half of scripts/deps.sh's list, plus what a bare root lacks), and
+# the libraries ktproxy links to.
 guest_pkgs=(python3 curl iproute2 bpftool microsocks tinyproxy busybox-static procps
-	netcat-openbsd kmod initramfs-tools ca-certificates)
+	netcat-openbsd ca-certificates libelf1 zlib1g kmod initramfs-tools)
 # What the host needs on top of scripts/deps.sh.
 host_pkgs=(debootstrap qemu-system-x86 e2fsprogs)
 default_kernels=(linux-image-amd64 linux-image-6.12-amd64)
