@@ -72,7 +72,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ ${#kernels[@]} -gt 0 ]] || kernels=("${default_kernels[@]}")
 
-say() { echo "vmtest: $*" >&2; }
+say() { echo "vmtest: [${SECONDS} s] $*" >&2; }
 die() {
 	say "$*"
 	exit 1
