@@ -15,14 +15,15 @@ fail() {
 	echo "smoke: FAILED: $*"
 	exit 1
 }
-# wait_for FILE REGEX SECONDS
+# wait_for FILE REGEX SECONDS [PID]: gives up early if PID exits.
 wait_for() {
 	local i
 	for ((i = 0; i < $3 * 10; i++)); do
 		grep -q -- "$2" "$1" 2>/dev/null && return 0
+		[[ -z ${4:-} ]] || kill -0 "$4" 2>/dev/null || break
 		sleep 0.1
 	done
-	return 1
+	grep -q -- "$2" "$1" 2>/dev/null
 }
 # in_cgroup COMMAND...: runs COMMAND as a member of the intercepted cgroup.
 in_cgroup() {
@@ -43,7 +44,7 @@ server6=$(testserver '[::1]:0')
 start=$(date +%s.%N)
 "$bin/ktproxy" -c "$cg" -l 127.0.0.1:0 -l '[::1]:0' >"$tmp/ktproxy.log" 2>&1 &
 kt=$!
-wait_for "$tmp/ktproxy.log" ready 60 || fail "ktproxy not ready within 60 s"
+wait_for "$tmp/ktproxy.log" ready 60 "$kt" || fail "ktproxy exited, or was not ready within 60 s"
 ready=$(python3 -c "print(round($(date +%s.%N) - $start, 2))")
 echo "ready after $ready s"
 bpftool cgroup show "$cg"
