@@ -93,7 +93,7 @@ fn run(cfg: Config) -> Result<i32> {
         warn!("{w}");
     }
     preflight::check_privileges()?;
-    warn_if_kernel_too_old();
+    preflight::check_kernel()?;
     let root = cgroup::root()?;
     let given = cfg.cgroup.as_deref().map(cgroup::check_dir).transpose()?;
     let user = cfg.user.as_deref().map(command::resolve_user).transpose()?;
@@ -180,14 +180,6 @@ fn run(cfg: Config) -> Result<i32> {
         (None, false) => stop::COMMAND_GRACE,
     });
     Ok(code)
-}
-
-fn warn_if_kernel_too_old() {
-    let (kernel, release) = preflight::kernel_version();
-    if kernel.is_some_and(|k| k < preflight::MIN_KERNEL) {
-        let (maj, min) = preflight::MIN_KERNEL;
-        warn!("kernel {release} is older than {maj}.{min}, which ktproxy needs; loading will probably fail");
-    }
 }
 
 /// Raises the descriptor and locked-memory limits; returns about how many
