@@ -9,12 +9,12 @@
 //!
 //! - this file: the configuration (`KernelConfig`), loading, and attaching
 //!   with links (`Redirect`);
-//! - [`stats`]: the counters and their names, checked against `enum stat`;
-//! - [`layout`]: the bytes the kernel reads (LPM keys, addresses);
-//! - [`load_error`]: libbpf's log and the one-line load error;
-//! - [`heartbeat`]: the acceptors' proof of life;
-//! - [`guard`]: the legacy-attached guard of command mode with an upstream;
-//! - [`query`]: the programs attached to a cgroup (BPF_PROG_QUERY).
+//! - `stats.rs`: the counters and their names, checked against `enum stat`;
+//! - `layout.rs`: the bytes the kernel reads (LPM keys, addresses);
+//! - `load_error.rs`: libbpf's log and the one-line load error;
+//! - `heartbeat.rs`: the acceptors' proof of life;
+//! - `guard.rs`: the legacy-attached guard of command mode with an upstream;
+//! - `query.rs`: the programs attached to a cgroup (BPF_PROG_QUERY).
 
 mod guard;
 mod heartbeat;

@@ -1,9 +1,10 @@
 //! Command-line parsing: turns argv into a `Config`, or a one-line usage error.
+//!
 //! - this file: `Config`, `Action` and `parse`, with the listen, scope,
 //!   timeout, verbosity and relay options;
-//! - [`options`]: the option table and the `--help` text;
-//! - [`names`]: the names (DNS) options;
-//! - [`security`]: the upstream URL's source, --mark, COMMAND's environment.
+//! - `options.rs`: the option table and the `--help` text;
+//! - `names.rs`: the names (DNS) options;
+//! - `security.rs`: the upstream URL's source, --mark, COMMAND's environment.
 
 mod names;
 mod options;

@@ -2,7 +2,7 @@
 
 use crate::CHUNK;
 
-const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+pub(crate) const SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
 /// The test data: xorshift64 (13, 7, 17) from [`SEED`], 8 bytes per step,
 /// little-endian, state updated before each step's bytes are emitted.

@@ -11,8 +11,8 @@
 //! seeded to [`SEED`](data::SEED). Each step updates the state first, then
 //! emits its 8 bytes little-endian; the stream is cut after N bytes.
 //! Checksums (`echo`, `sink`) are 64-bit FNV-1a over the bytes: offset basis
-//! 0xcbf29ce484222325, prime 0x100000001b3. See
-//! [`DataStream`](data::DataStream) and [`Fnv1a`](data::Fnv1a), in data.rs.
+//! 0xcbf29ce484222325, prime 0x100000001b3. See [`DataStream`] and [`Fnv1a`]
+//! (data.rs).
 
 mod data;
 mod dns;
