@@ -20,7 +20,7 @@
 //! | `draining: waiting up to S s for N open connection(s) ...`, `drained: ...` | `drain` in src/stop.rs |
 //! | `resetting N socket(s) whose stream is unfinished (M connection(s) still open)` | `reset_open_connections` in src/stop.rs |
 //! | `testserver listening on ADDR` (stdout) | src/bin/testserver.rs, with [`testserver_listening`] |
-//! | `peer P local L` (stdout) | src/bin/testclient.rs, with [`peer_line`] |
+//! | `peer P local L` (stdout) | src/bin/testclient/main.rs, with [`peer_line`] |
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

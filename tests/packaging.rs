@@ -174,7 +174,7 @@ fn man_page_documents_every_option_of_help_and_no_other() {
         if !help.iter().any(|h| h.long == m.long) {
             problems.push(format!(
                 "{MAN_PAGE} documents --{}, which `ktproxy --help` does not list: remove its \
-                 entry, or the option is missing from src/cli.rs",
+                 entry, or the option is missing from src/cli/options.rs",
                 m.long
             ));
         }

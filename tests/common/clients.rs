@@ -4,7 +4,8 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::thread;
 use std::time::Duration;
 
 use ktproxy::logline::parse_peer_line;
@@ -12,6 +13,7 @@ use ktproxy::logline::parse_peer_line;
 use super::cgroup::TestCgroup;
 use super::netns::NetNs;
 use super::process::{describe, run_within, stdout};
+use super::servers::PacedServer;
 use super::TESTCLIENT;
 
 /// Upper bound for one short client run.
@@ -149,4 +151,17 @@ pub fn py_connect_in(cg: &TestCgroup, ns: &NetNs, host: &str, port: u16) -> PyCo
     let mut cmd = cg.command("ip");
     cmd.args(ns.exec_args(python()));
     py_run(cmd, host, port, &format!(" in {}", ns.name()))
+}
+
+/// Runs `testclient sink ADDR --bytes LEN` in `cg` on a thread of its own.
+pub fn sink_in_background(cg: &TestCgroup, server: &PacedServer) -> thread::JoinHandle<Output> {
+    let mut cmd = cg.command(TESTCLIENT);
+    cmd.args([
+        "sink",
+        &server.addr.to_string(),
+        "--bytes",
+        &server.len.to_string(),
+    ])
+    .stdin(Stdio::null());
+    thread::spawn(move || run_within(&mut cmd, CLIENT_TIMEOUT))
 }

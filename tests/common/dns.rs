@@ -10,13 +10,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use super::clients::python;
+use super::command::{CommandRun, RUN_TIMEOUT};
 use super::process::{need, run_within, stdout, PROXY_ENV};
 use super::upstream::Peer;
 use super::KTPROXY;
@@ -543,6 +544,21 @@ pub fn client_py(args: &[&str]) -> Vec<String> {
     let mut v = vec![python().to_string(), "-c".into(), CLIENT_PY.into()];
     v.extend(args.iter().map(|s| s.to_string()));
     v
+}
+
+/// `-v` shows the connection lines in command mode.
+pub const VERBOSE: &str = "-v";
+
+/// `sh -c SCRIPT` with the Python client in $CLIENT_PY.
+pub fn shell(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+/// Runs a ktproxy command to its end (bounded): its output and pid.
+pub fn run_logged(cmd: &mut std::process::Command) -> (Output, u32) {
+    let mut run = CommandRun::spawn(cmd);
+    let out = run.finish(RUN_TIMEOUT);
+    (out, run.pid())
 }
 
 /// One DNS query for `name` (type A) over UDP from the test process itself

@@ -6,8 +6,8 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -276,4 +276,89 @@ pub fn assert_body_from(body: &str, server: SocketAddr) {
         body.contains(&format!("Hello from testserver at {server},")),
         "the reply does not come from the testserver at {server}: {body:?}"
     );
+}
+
+/// 64-bit FNV-1a, as `testclient sink` prints it.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Test data no shorter pattern repeats in.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
+        .collect()
+}
+
+/// A server for one download: sends the first `first` bytes at once, the
+/// rest only after `go()`, then closes. The data's checksum is known.
+pub struct PacedServer {
+    pub addr: SocketAddr,
+    pub len: usize,
+    checksum: u64,
+    /// Bytes written so far.
+    sent: Arc<AtomicU64>,
+    go: mpsc::Sender<()>,
+    pub result: mpsc::Receiver<io::Result<()>>,
+}
+
+impl PacedServer {
+    pub fn start(first: usize, len: usize) -> PacedServer {
+        let data = pattern(len);
+        let checksum = fnv1a(&data);
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let sent = Arc::new(AtomicU64::new(0));
+        let (go, go_rx) = mpsc::channel::<()>();
+        let (done, result) = mpsc::channel();
+        let s = Arc::clone(&sent);
+        thread::spawn(move || {
+            let r = (|| {
+                let (mut c, _) = l.accept()?;
+                c.set_write_timeout(Some(Duration::from_secs(60)))?;
+                for (part, wait) in [(&data[..first], false), (&data[first..], true)] {
+                    if wait && go_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                        return Err(io::Error::other("never told to go on"));
+                    }
+                    for chunk in part.chunks(64 * 1024) {
+                        c.write_all(chunk)?;
+                        s.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                    }
+                }
+                c.shutdown(Shutdown::Write)
+            })();
+            let _ = done.send(r);
+        });
+        PacedServer {
+            addr,
+            len,
+            checksum,
+            sent,
+            go,
+            result,
+        }
+    }
+
+    pub fn wait_sent(&self, n: usize) {
+        assert!(
+            wait_until(Duration::from_secs(10), || self.sent.load(Ordering::SeqCst)
+                >= n as u64),
+            "the server sent only {} of {n} bytes",
+            self.sent.load(Ordering::SeqCst)
+        );
+    }
+
+    pub fn go(&self) {
+        let _ = self.go.send(());
+    }
+
+    /// What `testclient sink` prints on success.
+    pub fn ok_line(&self) -> String {
+        format!(
+            "ok: received {} bytes, checksum 0x{:016x}",
+            self.len, self.checksum
+        )
+    }
 }
