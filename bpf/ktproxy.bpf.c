@@ -66,7 +66,7 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 		(to)[3] = READ((from)[3]); \
 	} while (0)
 
-/* ---- configuration, written by src/bpf.rs before load() ---------------- */
+/* ---- configuration, written by src/bpf/ before load() ------------------ */
 
 /* cgroup v2 id of ktproxy's own cgroup: its dials are never intercepted.
  * A PID check would fail inside PID namespaces; the cgroup id cannot. */
@@ -209,7 +209,7 @@ struct {
 
 /* Counters for `bpftool map dump name stats` and for ktproxy's exit line
  * `kernel counters: redirected=N ...`: the index is the enum below, and the
- * name src/bpf.rs logs is the enumerator's, lower case, without STAT_. */
+ * name src/bpf/stats.rs logs is the enumerator's, lower case, without STAT_. */
 enum stat {
 	STAT_REDIRECTED,            /* connect rewritten to the proxy */
 	STAT_SKIPPED_PROXY_OWN,     /* ktproxy's own dial */
@@ -242,7 +242,7 @@ enum stat {
 };
 
 /* Never read: it brings `enum stat` into BTF, hence into the skeleton, where
- * src/bpf.rs sizes its table of counter names by STAT_MAX. clang emits a type
+ * src/bpf/stats.rs sizes its table of counter names by STAT_MAX. clang emits a type
  * only when something declared uses it, and the enum cannot be the key type of
  * `stats`: the kernel wants an array map's BTF key to be a 32-bit integer. */
 const enum stat stat_max = STAT_MAX;
@@ -273,7 +273,7 @@ const volatile __u8 fail_closed = 0;
 #define HEARTBEAT_MAX_AGE_NS 1000000000LL
 
 /* CLOCK_MONOTONIC time, as bpf_ktime_get_ns() reads it, at which ktproxy
- * last proved that it can accept. src/bpf.rs maps this array into
+ * last proved that it can accept. src/bpf/heartbeat.rs maps this array into
  * ktproxy's memory (BPF_F_MMAPABLE) and the acceptors write it at least
  * every 250 ms: a stopped (SIGSTOP), hung or thread-starved ktproxy stops
  * writing, and within a second its connects stop being redirected. */
@@ -962,7 +962,7 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
  * command mode with an upstream that would let COMMAND's leftovers (children
  * ignoring SIGTERM, daemonised grandchildren) connect directly once ktproxy
  * is killed with SIGKILL. The guard programs are therefore the one deliberate
- * exception to "bpf_link only": src/bpf.rs attaches them with the legacy
+ * exception to "bpf_link only": src/bpf/guard.rs attaches them with the legacy
  * BPF_PROG_ATTACH (BPF_F_ALLOW_MULTI) to COMMAND's own cgroup, and only
  * there, never to a cgroup ktproxy did not create. A legacy attachment
  * belongs to the cgroup, not to a file descriptor: it outlives ktproxy, and
