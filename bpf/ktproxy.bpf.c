@@ -238,6 +238,7 @@ enum stat {
 	STAT_DIRECT_UDP,            /* UDP went direct under --allow-direct */
 	STAT_DIRECT_UNPROXYABLE,    /* unproxyable connect went direct under --allow-direct */
 	STAT_RELAY_DROPPED,         /* sockmap relay: data for a pair already gone */
+	STAT_RELAY_TRIMMED,         /* sockmap relay: skbs with bytes received twice, cut */
 	STAT_MAX,
 };
 
@@ -1320,14 +1321,16 @@ int ktproxy_getpeername6(struct bpf_sock_addr *ctx)
  * would then race with the redirected bytes) or drop it.
  *
  * Redirected skbs wait in the peer's psock backlog (a workqueue) until its
- * send buffer takes them. They stay charged to the receiving socket's
- * receive memory until sent, which is how ktproxy knows, after an EOF, that
- * everything before it has reached the other socket's send queue and the
- * half-close may follow (SO_MEMINFO, see src/sockmap.rs).
+ * send buffer takes them. After an EOF, ktproxy half-closes the other socket
+ * only once the bytes written to it have grown by `bytes` (src/sockmap.rs):
+ * a FIN queued before them would have them fail.
  */
 struct relay_end {
-	__u64 peer;  /* cookie of the other socket: its key in relay_peers */
-	__u64 bytes; /* bytes this socket received and the verdict sent on */
+	__u64 peer;    /* cookie of the other socket: its key in relay_peers */
+	__u64 bytes;   /* bytes this socket received and the verdict sent on */
+	__u64 trimmed; /* bytes received twice and cut (see trim_overlap) */
+	__u64 lost;    /* bytes that could not be cut: dropped, and the pair is
+			* failed by ktproxy when it ends */
 };
 
 /* max_entries of the three maps are set before load (src/bpf.rs). */
@@ -1353,13 +1356,77 @@ struct {
 	__type(value, __u64);
 } relay_verdict SEC(".maps");
 
+/* CO-RE views of the kernel structures the verdict reads (only those
+ * fields, located in the running kernel's BTF). */
+struct sk_buff___relay {
+	char cb[48]; /* TCP_SKB_CB(): struct tcp_skb_cb, seq first */
+} __attribute__((preserve_access_index));
+
+struct tcp_sock___relay {
+	__u32 copied_seq;
+} __attribute__((preserve_access_index));
+
+/* Weak: a kernel without it (< 6.3) fails this program's load alone, and
+ * ktproxy then relays with splice (src/bpf.rs). */
+extern void *bpf_cast_to_kern_ctx(void *obj) __ksym __weak;
+
+/* The most sk_skb's bpf_skb_adjust_room() cuts in one call. */
+#define ADJUST_ROOM_MAX 0xfff
+/* Cuts per skb: enough for 128 KiB, twice the largest skb TCP builds. */
+#define ADJUST_ROOM_CALLS 32
+
+/*
+ * TCP queues a segment that overlaps bytes it already has as it came, with
+ * seq < rcv_nxt: a retransmission that covers more than what was missing
+ * (tcp_data_queue(), "Partial packet"), or an out-of-order segment that the
+ * in-order bytes have partly caught up with (tcp_ofo_queue()). recv() skips
+ * the overlap, since it reads from copied_seq; tcp_read_skb(), which hands
+ * this program whole skbs, does not (6.x), and redirecting such an skb puts
+ * the overlap into the stream twice. Retransmissions are frequent on a busy
+ * machine even over loopback (tail loss probes fire before a late ACK).
+ *
+ * copied_seq ends where the bytes already taken end (the kernel moves it by
+ * each skb's length right after its verdict, tcp_eat_skb()), so the overlap
+ * is copied_seq - seq, cut from the skb's head. Returns the bytes cut, or -1
+ * if the cut failed (an allocation in pskb_may_pull()).
+ */
+static __always_inline long trim_overlap(struct __sk_buff *skb)
+{
+	struct sk_buff___relay *kskb = bpf_cast_to_kern_ctx(skb);
+	struct bpf_sock *sk = skb->sk;
+	struct tcp_sock___relay *tp;
+	__u32 seq, left;
+	long over;
+	int i;
+
+	if (!sk)
+		return 0;
+	tp = (void *)bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return 0;
+	seq = *(__u32 *)kskb->cb;
+	/* Sequence numbers wrap: the difference is what counts. */
+	over = (__s32)(tp->copied_seq - seq);
+	if (over <= 0)
+		return 0;
+	left = over < skb->len ? over : skb->len;
+	for (i = 0; i < ADJUST_ROOM_CALLS && left > 0; i++) {
+		__u32 cut = left < ADJUST_ROOM_MAX ? left : ADJUST_ROOM_MAX;
+
+		if (bpf_skb_adjust_room(skb, -(__s32)cut, 0, 0))
+			return -1;
+		left -= cut;
+	}
+	return left ? -1 : over;
+}
+
 SEC("sk_skb/stream_verdict")
 int ktproxy_relay(struct __sk_buff *skb)
 {
 	__u64 cookie = bpf_get_socket_cookie(skb);
 	struct relay_end *end;
 	__u64 peer;
-	long verdict;
+	long verdict, cut;
 
 	/* A FIN comes as an skb without data. TCP has already taken note of it
 	 * and ktproxy forwards the half-close itself; the psock backlog would
@@ -1372,6 +1439,20 @@ int ktproxy_relay(struct __sk_buff *skb)
 		count(STAT_RELAY_DROPPED);
 		return SK_DROP;
 	}
+	cut = trim_overlap(skb);
+	if (cut < 0) {
+		/* Sending it whole would corrupt the stream; dropping it leaves
+		 * a gap, which ktproxy turns into a reset at the end. */
+		__sync_fetch_and_add(&end->lost, skb->len);
+		count(STAT_RELAY_DROPPED);
+		return SK_DROP;
+	}
+	if (cut > 0) {
+		__sync_fetch_and_add(&end->trimmed, cut);
+		count(STAT_RELAY_TRIMMED);
+	}
+	if (skb->len == 0)
+		return SK_DROP; /* all of it had come before */
 	peer = end->peer;
 	verdict = bpf_sk_redirect_hash(skb, &relay_peers, &peer, 0);
 	if (verdict == SK_PASS)

@@ -17,7 +17,20 @@
 //!   and the other socket has taken them all when the bytes written to it
 //!   (TCP_INFO's bytes_acked plus SIOCOUTQ) have grown by that much since the
 //!   pair joined.
-//! - **Resets.** POLLERR on either socket: the caller resets both, as today.
+//! - **Resets.** As splice, which reads a socket's bytes and its FIN before
+//!   an error that came after them: a socket reset without a FIN fails the
+//!   relay (the caller resets both) once what it received before has
+//!   reached the other socket; a socket reset after its FIN (a server that
+//!   answers, then closes with a request unread) has its bytes and EOF
+//!   forwarded as usual, and the other direction goes on outside the maps
+//!   until its EOF (clean) or its first byte for the gone socket (a reset,
+//!   as splice's write would fail). See `Pair::failed`.
+//! - **Bytes TCP delivers twice.** A retransmission that overlaps bytes
+//!   already received reaches the verdict whole (tcp_read_skb() does not
+//!   skip the overlap as recv() does); the verdict cuts the overlap
+//!   (`trim_overlap` in bpf/ktproxy.bpf.c, counted as relay_trimmed). If it
+//!   cannot, it drops the skb and the pair ends with a reset, not with a
+//!   gap in a clean close.
 //! - **Bytes that arrived before the pair joined the maps** wait in the
 //!   socket's receive queue, which the verdict reads only when new data
 //!   arrives. setsockopt(SO_RCVLOWAT) makes TCP run the data-ready callback
@@ -42,7 +55,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use libbpf_rs::libbpf_sys;
-use log::{info, trace};
+use log::{debug, info, trace};
 
 use crate::bpf::RelayEnd;
 use crate::error::io_text;
@@ -167,13 +180,16 @@ impl RelayMaps {
     }
 
     fn put_end(&self, cookie: u64, peer: u64) -> io::Result<()> {
-        let end = RelayEnd { peer, bytes: 0 };
+        let end = RelayEnd {
+            peer,
+            ..RelayEnd::default()
+        };
         update(&self.ends, &cookie, &end)
     }
 
     /// The bytes the verdict has sent on for a socket so far.
     fn end_bytes(&self, cookie: u64) -> io::Result<u64> {
-        let mut end = RelayEnd { peer: 0, bytes: 0 };
+        let mut end = RelayEnd::default();
         // SAFETY: key and value point to a u64 and a RelayEnd, the map's
         // key and value types (checked by the kernel against its sizes).
         cvt(unsafe {
@@ -186,9 +202,9 @@ impl RelayMaps {
         Ok(end.bytes)
     }
 
-    /// Removes a socket's entry; returns the bytes the verdict sent on for it.
-    fn take_end(&self, cookie: u64) -> io::Result<u64> {
-        let mut end = RelayEnd { peer: 0, bytes: 0 };
+    /// Removes a socket's entry; returns its last counts.
+    fn take_end(&self, cookie: u64) -> io::Result<RelayEnd> {
+        let mut end = RelayEnd::default();
         // SAFETY: key and value point to a u64 and a RelayEnd, the map's
         // key and value types (checked by the kernel against its sizes).
         cvt(unsafe {
@@ -198,7 +214,7 @@ impl RelayMaps {
                 (&mut end as *mut RelayEnd).cast(),
             )
         })?;
-        Ok(end.bytes)
+        Ok(end)
     }
 
     fn delete(map: &OwnedFd, cookie: u64) {
@@ -246,6 +262,9 @@ struct Pair<'a> {
     /// Socket i's EOF has been forwarded (or its pending bytes copied, then
     /// forwarded).
     eof: [bool; 2],
+    /// Socket i was reset or closed after its EOF (see `failed`): why,
+    /// for when a byte would have to go there.
+    gone: [Option<io::Error>; 2],
     /// Bytes ktproxy copied itself, per direction (see `second`).
     copied: [u64; 2],
     /// `written` of each socket when the pair joined, before any verdict.
@@ -271,6 +290,7 @@ impl<'a> Pair<'a> {
             socks: [client, target],
             cookies,
             eof: [false; 2],
+            gone: [None, None],
             copied: [0; 2],
             base,
         };
@@ -329,10 +349,25 @@ impl<'a> Pair<'a> {
     /// Relays to the end; the pair's entries are gone afterwards (the
     /// sockets leave the sockhashes when they are closed).
     fn run(mut self) -> (Totals, Option<io::Error>) {
-        let err = self.second().and_then(|()| self.wait()).err();
+        let mut err = self.second().and_then(|()| self.wait()).err();
         let mut bytes = [0u64; 2];
         for i in [CLIENT, TARGET] {
-            bytes[i] = self.maps.take_end(self.cookies[i]).unwrap_or(0) + self.copied[i];
+            let end = self.maps.take_end(self.cookies[i]).unwrap_or_default();
+            bytes[i] = end.bytes + self.copied[i];
+            if end.trimmed > 0 {
+                debug!(
+                    "#{} {}: {} bytes TCP delivered twice were cut",
+                    self.id, DIRECTION[i], end.trimmed
+                );
+            }
+            if end.lost > 0 && err.is_none() {
+                // The verdict had to drop bytes (see trim_overlap in
+                // bpf/ktproxy.bpf.c): a clean end would hide the gap.
+                err = Some(io::Error::other(format!(
+                    "the kernel dropped {} bytes of the {} stream",
+                    end.lost, DIRECTION[i]
+                )));
+            }
         }
         (
             Totals {
@@ -377,11 +412,7 @@ impl<'a> Pair<'a> {
     /// Waits for both EOFs, forwarding each, or for an error.
     fn wait(&mut self) -> io::Result<()> {
         while self.eof != [true, true] {
-            let watch = |i: usize| if self.eof[i] { 0 } else { libc::POLLRDHUP };
-            let mut fds = [
-                pollfd(self.socks[CLIENT], watch(CLIENT)),
-                pollfd(self.socks[TARGET], watch(TARGET)),
-            ];
+            let mut fds = [self.watch(CLIENT), self.watch(TARGET)];
             poll(&mut fds, None)?;
             trace!(
                 "#{} poll: client revents {:#x}, target revents {:#x}",
@@ -390,18 +421,125 @@ impl<'a> Pair<'a> {
                 fds[TARGET].revents
             );
             for i in [CLIENT, TARGET] {
-                // POLLHUP on a socket whose EOF is forwarded, while ktproxy
-                // has not yet shut its sending side: it was reset or closed.
-                let r = fds[i].revents;
-                if r & libc::POLLERR != 0 || (self.eof[i] && r & libc::POLLHUP != 0) {
-                    return Err(socket_error(self.socks[i]));
-                }
+                self.event(i, fds[i].revents)?;
             }
-            for i in [CLIENT, TARGET] {
-                if !self.eof[i] && fds[i].revents & (libc::POLLRDHUP | libc::POLLHUP) != 0 {
-                    self.forward_eof(i)?;
+        }
+        Ok(())
+    }
+
+    /// What the thread waits for on socket i.
+    fn watch(&self, i: usize) -> libc::pollfd {
+        let sock = self.socks[i];
+        if self.gone[i].is_some() {
+            // Nothing more comes from it, and a closed socket reports
+            // POLLHUP for ever: leave it out (poll skips negative fds).
+            return libc::pollfd {
+                fd: -1,
+                events: 0,
+                revents: 0,
+            };
+        }
+        if self.gone[1 - i].is_some() {
+            // Out of the maps (`orphan`): a byte is news too.
+            return pollfd(sock, libc::POLLIN | libc::POLLRDHUP);
+        }
+        // Errors and hang-ups are reported unasked.
+        pollfd(sock, if self.eof[i] { 0 } else { libc::POLLRDHUP })
+    }
+
+    /// Acts on what poll said about socket i.
+    fn event(&mut self, i: usize, revents: libc::c_short) -> io::Result<()> {
+        // POLLHUP on a socket whose EOF is forwarded, while ktproxy has not
+        // yet shut its sending side: it was reset or closed.
+        if revents & libc::POLLERR != 0 || (self.eof[i] && revents & libc::POLLHUP != 0) {
+            return self.failed(i);
+        }
+        if self.eof[i] || revents & (libc::POLLIN | libc::POLLRDHUP | libc::POLLHUP) == 0 {
+            return Ok(());
+        }
+        if let Some(why) = self.gone[1 - i].take() {
+            // Bytes for a socket that is gone fail as splice's write would;
+            // only the EOF may follow.
+            match peek(self.socks[i]) {
+                Ok(0) => {}
+                Ok(_) => return Err(why),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.gone[1 - i] = Some(why);
+                    return Ok(());
                 }
+                Err(e) => return Err(e),
             }
+        }
+        self.forward_eof(i)
+    }
+
+    /// Socket i reported an error or hung up.
+    ///
+    /// Splice reads what a socket received, its FIN included, before an
+    /// error that came after (recv() returns them first), and so does this
+    /// relay. A reset that follows the FIN is common: a server that closes
+    /// with a request unread, or that receives one after its close, resets.
+    /// Failing then would throw away the answer and the EOF before it,
+    /// which the client may not have read yet (they can still wait in the
+    /// client socket's psock backlog). So: with the FIN first, the EOF is
+    /// forwarded as usual, the socket is `gone`, and the other direction
+    /// goes on (`orphan`). Without it, the socket was reset: what it
+    /// received before still reaches the other side, then the relay fails.
+    fn failed(&mut self, i: usize) -> io::Result<()> {
+        let sock = self.socks[i];
+        // recv() checks for a FIN before it reports (and clears) a pending
+        // error; MSG_PEEK takes no byte (the verdict has taken them all).
+        let peeked = peek(sock);
+        trace!(
+            "#{} {}: socket error or hang-up; peek: {peeked:?}",
+            self.id,
+            DIRECTION[i]
+        );
+        let reset = match peeked {
+            Ok(0) => None,
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => Some(e),
+            _ => Some(socket_error(sock)),
+        };
+        if let Some(why) = reset {
+            // Best effort: the other side may be failing too.
+            let _ = self.drain(i);
+            return Err(why);
+        }
+        if !self.eof[i] {
+            self.forward_eof(i)?;
+        }
+        self.gone[i] = Some(socket_error(sock));
+        self.orphan(1 - i)
+    }
+
+    /// Socket i's peer socket is `gone` before socket i's EOF. Splice would
+    /// fail at its next write there; this relay takes socket i out of the
+    /// maps, so that what it receives from now on waits in its receive
+    /// queue (`event` fails at the first byte, forwards the EOF), and fails
+    /// now if a byte it sent before has not reached the gone socket.
+    fn orphan(&mut self, i: usize) -> io::Result<()> {
+        if self.eof[i] {
+            return Ok(());
+        }
+        let (m, c) = (self.maps, self.cookies[i]);
+        RelayMaps::delete(&m.verdict, c);
+        RelayMaps::delete(&m.peers, c);
+        // After the deletes, and once any verdict still running on socket
+        // i (under its lock, see `drain`) is done, its count is final; the
+        // gone socket takes no byte any more.
+        sys::tcp_info(self.socks[i])?;
+        let want = self.base[1 - i] + m.end_bytes(c)? + self.copied[i];
+        let got = written(self.socks[1 - i])?;
+        trace!(
+            "#{} {}: the other socket is gone; {} of {} bytes reached it",
+            self.id,
+            DIRECTION[i],
+            got.saturating_sub(self.base[1 - i]),
+            want - self.base[1 - i]
+        );
+        if got < want {
+            let why = self.gone[1 - i].take();
+            return Err(why.unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()));
         }
         Ok(())
     }
@@ -409,38 +547,8 @@ impl<'a> Pair<'a> {
     /// Socket i said EOF: once everything it received before has reached
     /// the other socket's send queue, half-close that one.
     fn forward_eof(&mut self, i: usize) -> io::Result<()> {
-        let (from, to) = (self.socks[i], self.socks[1 - i]);
-        // TCP_INFO takes `from`'s lock, so the softirq that delivered the FIN
-        // (waking poll before it ran the verdict on the bytes it came with)
-        // is done: the count is final.
-        sys::tcp_info(from)?;
-        let redirected = self.maps.end_bytes(self.cookies[i])?;
-        let want = self.base[1 - i] + redirected + self.copied[i];
-        let mut pause = DRAIN_PAUSE_FIRST;
-        loop {
-            let (got, _) = written_at_least(to, &sys::tcp_info(to)?)?;
-            trace!(
-                "#{} {}: {redirected} bytes redirected, {} of them written",
-                self.id,
-                DIRECTION[i],
-                got.saturating_sub(self.base[1 - i] + self.copied[i])
-            );
-            if got >= want {
-                break;
-            }
-            // The rest waits in `to`'s psock backlog: wait, but not through
-            // an error on either socket.
-            let mut fds = [pollfd(from, 0), pollfd(to, 0)];
-            poll(&mut fds, Some(pause))?;
-            // Only `to`'s hang-up is news: `from` may be shut both ways by now.
-            if fds[0].revents & libc::POLLERR != 0 {
-                return Err(socket_error(from));
-            }
-            if fds[1].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
-                return Err(socket_error(to));
-            }
-            pause = (pause * 2).min(DRAIN_PAUSE_MAX);
-        }
+        self.drain(i)?;
+        let to = self.socks[1 - i];
         // ENOTCONN: the peer is gone already, which its poll reports.
         let r = sys::shutdown_write(to);
         trace!(
@@ -451,6 +559,48 @@ impl<'a> Pair<'a> {
         );
         self.eof[i] = true;
         Ok(())
+    }
+
+    /// Waits until everything socket i has received (up to its FIN or its
+    /// reset) is in the other socket's send queue. Only the other socket's
+    /// failure stops it: socket i's own state does not matter any more, the
+    /// bytes are in the other socket's psock backlog.
+    fn drain(&self, i: usize) -> io::Result<()> {
+        let (from, to) = (self.socks[i], self.socks[1 - i]);
+        // TCP_INFO takes `from`'s lock, so the softirq that delivered the FIN
+        // (waking poll before it ran the verdict on the bytes it came with)
+        // is done: the count is final.
+        sys::tcp_info(from)?;
+        let redirected = self.maps.end_bytes(self.cookies[i])?;
+        let want = self.base[1 - i] + redirected + self.copied[i];
+        let mut pause = DRAIN_PAUSE_FIRST;
+        let mut failed = None;
+        loop {
+            let (got, _) = written_at_least(to, &sys::tcp_info(to)?)?;
+            trace!(
+                "#{} {}: {redirected} bytes redirected, {} of them written",
+                self.id,
+                DIRECTION[i],
+                got.saturating_sub(self.base[1 - i] + self.copied[i])
+            );
+            if got >= want {
+                return Ok(());
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            // The rest waits in `to`'s psock backlog.
+            let mut fds = [pollfd(to, 0)];
+            poll(&mut fds, Some(pause))?;
+            if fds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+                // One more count first: the last bytes may have gone in
+                // just before the reset they caused (as splice's write
+                // would have), and a reset socket's count is final.
+                failed = Some(socket_error(to));
+                continue;
+            }
+            pause = (pause * 2).min(DRAIN_PAUSE_MAX);
+        }
     }
 
     /// Copies what socket i still holds, up to its EOF, to the other socket
@@ -505,12 +655,19 @@ fn written(sock: &TcpStream) -> io::Result<u64> {
     }
 }
 
+/// tcpi_state of a closed (or reset) socket: TCP_CLOSE in the kernel's
+/// include/net/tcp_states.h, which libc does not export.
+const TCP_CLOSE: u8 = 7;
+
 /// `written`, or less when an ACK came between the two reads (bytes_acked
 /// is read first, so the sum can only fall short): enough to tell that a
 /// count has been reached. Also says whether the figure is exact.
 fn written_at_least(sock: &TcpStream, info: &libc::tcp_info) -> io::Result<(u64, bool)> {
     // Nothing in flight and nothing unsent: bytes_acked alone is exact.
-    if info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0 {
+    // Not after a reset, which empties the retransmit queue (unacked = 0)
+    // but leaves the sequence numbers, and so SIOCOUTQ, as they were.
+    let closed = info.tcpi_state == TCP_CLOSE;
+    if info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0 && !closed {
         return Ok((info.tcpi_bytes_acked, true));
     }
     let queued = sys::send_queue(sock)?;
@@ -526,6 +683,31 @@ fn at_eof(sock: &TcpStream) -> io::Result<bool> {
     let mut fds = [pollfd(sock, libc::POLLRDHUP)];
     poll(&mut fds, Some(Duration::ZERO))?;
     Ok(fds[0].revents & libc::POLLRDHUP != 0)
+}
+
+/// recv(MSG_PEEK | MSG_DONTWAIT) of one byte: 1 if a byte waits, 0 at
+/// EOF, else the error (EAGAIN when there is neither). Raw libc: std's
+/// peek() has no MSG_DONTWAIT and gives up on EINTR.
+fn peek(sock: &TcpStream) -> io::Result<usize> {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: b is one writable byte, alive for the call.
+        let r = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                (&mut b as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 fn pollfd(sock: &TcpStream, events: libc::c_short) -> libc::pollfd {
@@ -655,6 +837,277 @@ mod tests {
         });
         assert!(err.is_none(), "{err:?}");
         assert_eq!((totals.up, totals.down), (7, 14));
+    }
+
+    /// As conn.rs: relays the pair on a thread of `scope`, then resets
+    /// both sockets if the relay failed and closes them.
+    fn relay_as_ktproxy<'s>(
+        scope: &'s thread::Scope<'s, '_>,
+        maps: &'s RelayMaps,
+        relay_c: TcpStream,
+        relay_t: TcpStream,
+    ) -> thread::ScopedJoinHandle<'s, (Totals, Option<io::Error>)> {
+        scope.spawn(move || {
+            let pipes = PipePool::new(1);
+            let r = maps.relay(4, &relay_c, &relay_t, &pipes);
+            if r.1.is_some() {
+                sys::set_linger_zero(&relay_c);
+                sys::set_linger_zero(&relay_t);
+            }
+            r
+        })
+    }
+
+    /// The server sends `n` bytes that the client does not read yet, and
+    /// waits until ktproxy's socket has taken them all (the client socket's
+    /// psock backlog holds most of them); with `fin`, it half-closes first.
+    /// Then it resets the connection.
+    fn server_sends_then_resets(mut server: TcpStream, n: usize, fin: bool) {
+        server.write_all(&vec![5u8; n]).unwrap();
+        if fin {
+            server.shutdown(Shutdown::Write).unwrap();
+        }
+        while sys::send_queue(&server).unwrap() > 0 {
+            thread::sleep(Duration::from_millis(1));
+        }
+        sys::set_linger_zero(&server);
+        drop(server);
+        // Time for ktproxy to see the reset before the client reads.
+        thread::sleep(Duration::from_millis(200));
+    }
+
+    /// Reads until EOF or an error; (bytes, the error).
+    fn read_all(mut sock: &TcpStream) -> (usize, Option<io::ErrorKind>) {
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0;
+        loop {
+            match sock.read(&mut buf) {
+                Ok(0) => return (total, None),
+                Ok(k) => total += k,
+                Err(e) => return (total, Some(e.kind())),
+            }
+        }
+    }
+
+    const MUCH: usize = 16 << 20;
+
+    #[test]
+    fn a_reset_after_the_fin_still_delivers_every_byte_and_the_eof() {
+        // As a server that answers, then closes with the request unread:
+        // its FIN, then its reset. The answer must not be lost with it.
+        let maps = crate::bpf::relay_for_tests();
+        let [client, relay_c, relay_t, server] = sockets();
+        let (totals, err) = thread::scope(|s| {
+            let h = relay_as_ktproxy(s, &maps, relay_c, relay_t);
+            server_sends_then_resets(server, MUCH, true);
+            assert_eq!(read_all(&client), (MUCH, None));
+            drop(client);
+            h.join().unwrap()
+        });
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!((totals.up, totals.down), (0, MUCH as u64));
+    }
+
+    #[test]
+    fn a_byte_for_a_server_gone_after_its_fin_resets_the_client() {
+        // Splice fails at its first write to a socket that was reset; this
+        // relay must not swallow the byte and wait for the client's EOF.
+        let maps = crate::bpf::relay_for_tests();
+        let [mut client, relay_c, relay_t, server] = sockets();
+        let (_, err) = thread::scope(|s| {
+            let h = relay_as_ktproxy(s, &maps, relay_c, relay_t);
+            server_sends_then_resets(server, 1000, true);
+            assert_eq!(read_all(&client), (1000, None));
+            client.write_all(b"more").unwrap();
+            let r = h.join().unwrap();
+            // The reset has come (the EOF before it still reads as EOF).
+            thread::sleep(Duration::from_millis(100));
+            assert!(client.write_all(b"again").is_err(), "no reset came");
+            r
+        });
+        assert!(err.is_some(), "the byte for the gone server was swallowed");
+    }
+
+    #[test]
+    fn a_reset_without_a_fin_fails_the_relay_once_the_bytes_before_it_are_handed_on() {
+        // Splice writes what the server sent before its reset to the client
+        // socket, then fails; the caller's reset then sends what the client
+        // socket can. This relay must not fail while those bytes still wait
+        // in the client socket's psock backlog: the reset would drop them.
+        let maps = crate::bpf::relay_for_tests();
+        let [client, relay_c, relay_t, server] = sockets();
+        let base = written(&relay_c).unwrap();
+        let maps = &maps;
+        let (totals, err, handed) = thread::scope(|s| {
+            let h = s.spawn(move || {
+                let pipes = PipePool::new(1);
+                let (totals, err) = maps.relay(5, &relay_c, &relay_t, &pipes);
+                let handed = written(&relay_c).unwrap() - base;
+                sys::set_linger_zero(&relay_c);
+                (totals, err, handed)
+            });
+            server_sends_then_resets(server, MUCH, false);
+            // The client reads only now: the relay has to wait for it.
+            let (got, how) = read_all(&client);
+            assert!(got > 0 && how.is_some(), "{got} {how:?}");
+            h.join().unwrap()
+        });
+        let err = err.expect("a reset must end the relay with an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset, "{err}");
+        assert_eq!(totals.down, MUCH as u64);
+        assert_eq!(
+            handed, MUCH as u64,
+            "the relay failed before the bytes were handed on"
+        );
+    }
+
+    /// setsockopt(2)/getsockopt(2) with any value type, for TCP repair.
+    fn set_opt<T>(fd: i32, opt: libc::c_int, v: &T) {
+        // SAFETY: v points to a live T of the length given.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (v as *const T).cast(),
+                std::mem::size_of::<T>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0, "setsockopt {opt}: {}", io::Error::last_os_error());
+    }
+
+    fn get_opt<T: Default>(fd: i32, opt: libc::c_int) -> T {
+        let mut v = T::default();
+        let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+        // SAFETY: v has room for len bytes.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (&mut v as *mut T).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "getsockopt {opt}: {}", io::Error::last_os_error());
+        v
+    }
+
+    /// <linux/tcp.h>
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_SEND_QUEUE: libc::c_int = 2;
+    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+
+    #[derive(Default)]
+    #[repr(C)]
+    struct RepairWindow {
+        snd_wl1: u32,
+        snd_wnd: u32,
+        max_window: u32,
+        rcv_wnd: u32,
+        rcv_wup: u32,
+    }
+
+    /// Replaces `client` (silently, as CRIU does) by a socket of the same
+    /// connection whose send queue holds `again`, the last bytes the peer
+    /// has received already, then `new`: the peer gets them as one
+    /// retransmitted segment that overlaps what it has, as after a lost ACK.
+    fn resend_overlapping(client: TcpStream, again: &[u8], new: &[u8]) -> TcpStream {
+        use nix::sys::socket::SockaddrIn;
+        use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType};
+        let fd = client.as_raw_fd();
+        let info = sys::tcp_info(&client).unwrap();
+        let (local, peer) = (client.local_addr().unwrap(), client.peer_addr().unwrap());
+        let ts: u32 = get_opt(fd, libc::TCP_TIMESTAMP);
+        set_opt(fd, libc::TCP_REPAIR, &1);
+        set_opt(fd, libc::TCP_REPAIR_QUEUE, &TCP_SEND_QUEUE);
+        let snd: u32 = get_opt(fd, libc::TCP_QUEUE_SEQ);
+        set_opt(fd, libc::TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE);
+        let rcv: u32 = get_opt(fd, libc::TCP_QUEUE_SEQ);
+        let window: RepairWindow = get_opt(fd, libc::TCP_REPAIR_WINDOW);
+        drop(client); // in repair mode: no FIN, no RST
+
+        let s = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        let fd = s.as_raw_fd();
+        // Repair mode first: it lets bind() take the port back.
+        set_opt(fd, libc::TCP_REPAIR, &1);
+        let addr = |a: std::net::SocketAddr| match a {
+            std::net::SocketAddr::V4(v4) => SockaddrIn::from(v4),
+            _ => panic!("IPv4 only"),
+        };
+        bind(fd, &addr(local)).unwrap();
+        set_opt(fd, libc::TCP_REPAIR_QUEUE, &TCP_SEND_QUEUE);
+        set_opt(
+            fd,
+            libc::TCP_QUEUE_SEQ,
+            &snd.wrapping_sub(again.len() as u32),
+        );
+        set_opt(fd, libc::TCP_REPAIR_QUEUE, &TCP_RECV_QUEUE);
+        set_opt(fd, libc::TCP_QUEUE_SEQ, &rcv);
+        connect(fd, &addr(peer)).unwrap();
+        let wscale = info.tcpi_snd_rcv_wscale;
+        let opts: [[u32; 2]; 4] = [
+            [2, info.tcpi_snd_mss],                                       // TCPOPT_MAXSEG
+            [3, u32::from(wscale & 15) | (u32::from(wscale >> 4) << 16)], // TCPOPT_WINDOW
+            [4, 0],                                                       // TCPOPT_SACK_PERM
+            [8, 0],                                                       // TCPOPT_TIMESTAMP
+        ];
+        set_opt(fd, libc::TCP_REPAIR_OPTIONS, &opts);
+        set_opt(fd, libc::TCP_TIMESTAMP, &ts);
+        set_opt(fd, libc::TCP_REPAIR_WINDOW, &window);
+        set_opt(fd, libc::TCP_REPAIR_QUEUE, &TCP_SEND_QUEUE);
+        let s = TcpStream::from(s);
+        (&s).write_all(&[again, new].concat()).unwrap();
+        // Out of repair mode without a window probe, whose ACK would trim
+        // the head off the queued segment: the retransmission timer sends
+        // it whole.
+        set_opt(fd, libc::TCP_REPAIR, &TCP_REPAIR_OFF_NO_WP);
+        s
+    }
+
+    #[test]
+    fn a_retransmission_overlapping_relayed_bytes_does_not_relay_them_twice() {
+        // tcp_read_skb() hands the verdict whole skbs, also one that starts
+        // before what the socket has taken already (see trim_overlap in
+        // bpf/ktproxy.bpf.c).
+        let maps = crate::bpf::relay_for_tests();
+        let [client, relay_c, relay_t, mut server] = sockets();
+        let pipes = PipePool::new(1);
+        let (more, (totals, err)) = thread::scope(|s| {
+            let h = s.spawn(|| maps.relay(6, &relay_c, &relay_t, &pipes));
+            (&client).write_all(b"0123456789").unwrap();
+            let mut got = [0u8; 10];
+            server.read_exact(&mut got).unwrap();
+            let client = resend_overlapping(client, b"6789", b"ABCD");
+            // The retransmission first: a FIN now would bring an ACK that
+            // trims the overlap off before it is sent.
+            server
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut more = vec![0u8; 4];
+            server.read_exact(&mut more).unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            server.read_to_end(&mut more).unwrap();
+            server.shutdown(Shutdown::Write).unwrap();
+            let mut end = Vec::new();
+            (&client).read_to_end(&mut end).unwrap();
+            (more, h.join().unwrap())
+        });
+        assert_eq!(
+            String::from_utf8_lossy(&more),
+            "ABCD",
+            "bytes relayed twice"
+        );
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!((totals.up, totals.down), (14, 0));
     }
 
     #[test]

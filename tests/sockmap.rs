@@ -200,13 +200,14 @@ fn send_stream(mut to: &TcpStream, stream: &mut Stream, n: u64) -> io::Result<()
     Ok(())
 }
 
-/// Reads to EOF, checking every byte against `stream`; returns how many
-/// came. `progress` is told the count as it grows.
+/// Reads to EOF, checking every byte against the stream keyed `key`;
+/// returns how many came. `progress` is told the count as it grows.
 fn check_stream(
     mut from: &TcpStream,
-    stream: &mut Stream,
+    key: u64,
     mut progress: impl FnMut(u64),
 ) -> Result<u64, String> {
+    let mut stream = Stream::new(key);
     let mut buf = vec![0u8; 256 * 1024];
     let mut want = vec![0u8; 256 * 1024];
     let mut total = 0u64;
@@ -219,15 +220,50 @@ fn check_stream(
         };
         stream.fill(&mut want[..n]);
         if buf[..n] != want[..n] {
-            let at = buf[..n].iter().zip(&want[..n]).position(|(a, b)| a != b);
+            let at = buf[..n]
+                .iter()
+                .zip(&want[..n])
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            let pos = total + at as u64;
             return Err(format!(
-                "byte {} differs from the stream",
-                total + at.unwrap_or(0) as u64
+                "byte {pos} differs from the stream (byte {at} of a {n}-byte read); {}",
+                locate(key, &buf[at..n], pos)
             ));
         }
         total += n as u64;
         progress(total);
     }
+}
+
+/// Where in the stream keyed `key` the bytes that arrived at `pos` come
+/// from: tells a gap from a repeat from garbage.
+fn locate(key: u64, got: &[u8], pos: u64) -> String {
+    let probe = &got[..got.len().min(32)];
+    if probe.len() < 16 {
+        return format!("{} bytes too few to place", probe.len());
+    }
+    let mut stream = Stream::new(key);
+    let span = pos + (64 << 20);
+    let mut window = vec![0u8; 1 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    let mut start = 0u64;
+    while start < span {
+        stream.fill(&mut window);
+        let mut hay = std::mem::take(&mut carry);
+        let hay_start = start - hay.len() as u64;
+        hay.extend_from_slice(&window);
+        if let Some(i) = hay.windows(probe.len()).position(|w| w == probe) {
+            let from = hay_start + i as u64;
+            return format!(
+                "they are the stream's bytes from {from} ({:+})",
+                from as i64 - pos as i64
+            );
+        }
+        carry = hay[hay.len() - (probe.len() - 1)..].to_vec();
+        start += window.len() as u64;
+    }
+    format!("they are not in the stream's first {span} bytes: {probe:02x?}")
 }
 
 // ---- the server: plans on threads of the test process ----------------------------
@@ -340,7 +376,7 @@ fn serve_plan(conn: &TcpStream, banner_first: bool) -> Result<(), String> {
         })
     };
     thread::sleep(Duration::from_millis(plan.server_pause_ms));
-    let got = check_stream(conn, &mut Stream::new(plan.key), |n| {
+    let got = check_stream(conn, plan.key, |n| {
         received.store(n, Ordering::SeqCst);
         let _ = tx.send(());
     });
@@ -348,7 +384,7 @@ fn serve_plan(conn: &TcpStream, banner_first: bool) -> Result<(), String> {
     let sent = writer
         .join()
         .unwrap_or_else(|_| Err("writer panicked".into()));
-    let got = got.map_err(fail)?;
+    let got = got.map_err(|e| fail(format!("{plan:?}: {e}")))?;
     sent.map_err(fail)?;
     if got != plan.up {
         return Err(fail(format!("{got} bytes arrived, {} were sent", plan.up)));
@@ -362,6 +398,12 @@ fn serve_plan(conn: &TcpStream, banner_first: bool) -> Result<(), String> {
 fn client_plan(addrs: [SocketAddr; 2], plan: Plan) -> Result<(), String> {
     let addr = addrs[usize::from(plan.banner)];
     let conn = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    // ktproxy's log names the connection by this address.
+    let local = conn.local_addr().map_err(|e| e.to_string())?;
+    client_plan_on(conn, plan).map_err(|e| format!("from {local}: {e}"))
+}
+
+fn client_plan_on(conn: TcpStream, plan: Plan) -> Result<(), String> {
     let mut c = &conn;
     if plan.banner {
         let mut b = [0u8; 8];
@@ -391,7 +433,7 @@ fn client_plan(addrs: [SocketAddr; 2], plan: Plan) -> Result<(), String> {
         })
     };
     thread::sleep(Duration::from_millis(plan.client_pause_ms));
-    let got = check_stream(&conn, &mut Stream::new(!plan.key), |n| {
+    let got = check_stream(&conn, !plan.key, |n| {
         received.store(n, Ordering::SeqCst);
         let _ = tx.send(());
     });
@@ -844,13 +886,55 @@ fn stress(relay: &str) {
         Duration::from_secs(600),
     );
     let took = started.elapsed();
-    assert!(
-        out.status.success(),
-        "{relay}, seed {seed}: {}",
-        describe(&out)
-    );
+    // On failure, what ktproxy said about the connections that ended with a
+    // reset, and about those the client names ("from ADDR").
+    let early_ends = |failures: &str| {
+        let log = proxy.log();
+        let mut ids: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("Connection reset"))
+            .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('#')))
+            .map(String::from)
+            .collect();
+        for addr in failures.split("from ").skip(1) {
+            let addr = addr.split(':').take(2).collect::<Vec<_>>().join(":");
+            let needle = format!("Client: {addr}");
+            if let Some(l) = log.lines().find(|l| l.ends_with(&needle)) {
+                ids.extend(
+                    l.split_whitespace()
+                        .find(|w| w.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+        }
+        ids.dedup();
+        let mut text = String::new();
+        for id in ids.iter().take(5) {
+            for l in log.lines().filter(|l| l.contains(&format!("{id} "))) {
+                text += l;
+                text += "\n";
+            }
+        }
+        text
+    };
+    if !out.status.success() {
+        // The server's view too: one side's failure often causes the other's.
+        wait_until(Duration::from_secs(5), || {
+            server.tally.lock().unwrap().done >= count
+        });
+        let failures = server.tally.lock().unwrap().failures.clone();
+        let what = format!("{}\nserver failures: {failures:?}", describe(&out));
+        panic!(
+            "{relay}, seed {seed}: {what}\nktproxy:\n{}",
+            early_ends(&what)
+        );
+    }
     let failures = server.wait_done(count, LOG_TIMEOUT);
-    assert!(failures.is_empty(), "{relay}, seed {seed}: {failures:?}");
+    assert!(
+        failures.is_empty(),
+        "{relay}, seed {seed}: {failures:?}\nktproxy:\n{}",
+        early_ends(&format!("{failures:?}"))
+    );
     let log = wait_closed(&proxy, count as usize);
     assert_byte_counts(&log, &plans, relay);
     if relay == "sockmap" {
@@ -868,7 +952,11 @@ fn stress(relay: &str) {
     );
     if relay == "sockmap" {
         let (kernel, spliced) = (counters["relay_sockmap"], counters["relay_spliced"]);
-        eprintln!("stress sockmap: {kernel} pairs in the kernel, {spliced} spliced");
+        eprintln!(
+            "stress sockmap: {kernel} pairs in the kernel, {spliced} spliced, {} skbs \
+             with bytes TCP delivered twice cut",
+            counters["relay_trimmed"]
+        );
         assert_eq!(kernel + spliced, count, "{counters:?}");
         assert_eq!(counters["relay_dropped"], 0, "{counters:?}");
     }

@@ -53,6 +53,7 @@ pub(super) const STATS: [(stat, &str); stat::STAT_MAX.0 as usize] = stat_names![
     STAT_DIRECT_UDP => "direct_udp",
     STAT_DIRECT_UNPROXYABLE => "direct_unproxyable",
     STAT_RELAY_DROPPED => "relay_dropped",
+    STAT_RELAY_TRIMMED => "relay_trimmed",
 ];
 
 // Entry i is enumerator i: with the size, every counter is named exactly once.
@@ -123,7 +124,7 @@ mod tests {
              stale=120 refused=130 guard_refused=140 skipped_upstream=150 loop=160 \
              dns_connect=170 dns_sendmsg=180 dns_reply_source=190 dns_tcp=200 \
              fake_redirected=210 refused_udp=220 refused_unproxyable=230 direct_udp=240 \
-             direct_unproxyable=250 relay_dropped=260"
+             direct_unproxyable=250 relay_dropped=260 relay_trimmed=270"
         );
     }
 
