@@ -20,6 +20,9 @@
 # Markdown table comes last, on stdout; progress and raw tool lines go to
 # stderr. Everything stays on 127.0.0.1; every step is bounded in time.
 #
+# Start-up (ktproxy only): spawn to ready line, without rules and with
+# 10,000 --exclude-file CIDRs.
+#
 # DNS (ktproxy only, with --proxy-dns): `testclient dns-bench` in the cgroup
 # asks 127.0.0.153:53 (redirected to ktproxy's responder): A latency for a
 # cached name, queries/s with one responder thread, and the responder's
@@ -825,6 +828,23 @@ if ((!skip_dns)); then
 	done
 	proxy_extra=()
 fi
+# Phase 4: start-up (ktproxy only): spawn to ready line, without rules and
+# with a 10,000-line --exclude-file (the rules go into the kernel's LPM
+# tries before the ready line).
+"$py" "$here/tool.py" rules "$tmp/rules.txt" 10000
+for ((run = 1; run <= runs; run++)); do
+	for what in startup_ms startup_rules_ms; do
+		rules=()
+		[[ $what == startup_rules_ms ]] && rules=(--exclude-file "$tmp/rules.txt")
+		if ms=$("$py" "$here/tool.py" startup "$ktproxy" -c "$cg" -l "127.0.0.1:$kt_port" \
+			"${rules[@]}"); then
+			log "run $run ktproxy $what: $ms"
+			record "$run" ktproxy "$what" "$ms"
+		else
+			problems+=("run $run: ktproxy start-up ($what): $ms")
+		fi
+	done
+done
 log "done in $((SECONDS - started)) s"
 
 # ---- the table -----------------------------------------------------------------------------

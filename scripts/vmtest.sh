@@ -19,10 +19,22 @@
 # at. Results come back on a second disk, as a tar stream. No network, no
 # loop devices, no mounts outside a private mount namespace.
 #
+# The guest has no network: a dummy interface gives it addresses of its own
+# (192.0.2.2/24, fd00::2/64). Tests that cannot run there are skipped with a
+# SKIP line that says why (see guest_skip below).
+#
 # Cached under $VMTEST_CACHE (default /var/tmp/ktproxy-vmtest): the base root
 # and each kernel, keyed on everything below that goes into them.
 # VMTEST_REFRESH=1 rebuilds them (to pick up a newer kernel point release).
-# VMTEST_TIMEOUT: seconds one boot may take in all (default 3600).
+# VMTEST_TIME_SCALE: how much slower than the host the guest runs, for the
+# tests' waits (KTPROXY_TEST_TIME_SCALE in the guest; default 10).
+# KTPROXY_STRESS_CONNECTIONS: connections of the stress tests in the guest
+# (default 500); other KTPROXY_* variables are passed on as they are.
+# VMTEST_EXE_TIMEOUT: seconds one test executable may take (default 600;
+# the slowest, dns and core, took 55-85 s idle and ~110 s at a load of 15).
+# VMTEST_TIMEOUT: seconds one boot may take in all (default 1800; a whole
+# boot took 300 s idle, ~450 s at a load of 15). A boot cut short still
+# reports the executables that finished, and which one was running.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -46,7 +58,14 @@ suite=bookworm
 recipe=4
 
 cache=${VMTEST_CACHE:-/var/tmp/ktproxy-vmtest}
-vm_timeout=${VMTEST_TIMEOUT:-3600}
+time_scale=${VMTEST_TIME_SCALE:-10}
+exe_timeout=${VMTEST_EXE_TIMEOUT:-600}
+vm_timeout=${VMTEST_TIMEOUT:-1800}
+# Tests the guest cannot run, by test executable: "NAME|why". Kernel-
+# independent, they run on the host in scripts/test.sh.
+declare -A guest_skip=(
+	["test packaging"]="deb_package_holds_ktproxy_its_man_page_units_and_conffile_and_no_test_helper|builds the .deb with cargo and dpkg-shlibdeps, a toolchain the guest does not carry; kernel-independent, it runs on the host in scripts/test.sh"
+)
 
 smoke=0
 kernels=()
@@ -267,10 +286,15 @@ root=$work/root
 cp -al "$base" "$root"
 mkdir -p "$root/lib/modules"
 for d in "${kdirs[@]}"; do cp -al "$d"/modules/* "$root/lib/modules/"; done
+# A host has a resolv.conf (tests mount their own over it); the host's
+# nameservers would mean nothing in a guest without network. A new file:
+# the old one is a hard link into the cache.
 rm -f "$root/etc/resolv.conf"
+printf '# scripts/vmtest.sh: this guest has no network\nnameserver 127.0.0.1\n' \
+	>"$root/etc/resolv.conf"
 install -m 755 scripts/vmtest/init.sh "$root/sbin/vmtest-init"
 install -m 755 scripts/vmtest/smoke.sh "$root/sbin/vmtest-smoke"
-mkdir -p "$root/vmtest"
+mkdir -p "$root/vmtest/args.d"
 : >"$root/vmtest/tests.tsv"
 # mkdirs DIR: DIR and its parents in the guest, with the host's modes (a
 # checkout under a 0700 home must stay out of other users' reach there too).
@@ -281,14 +305,31 @@ mkdirs() {
 	mkdir "$root$d"
 	chmod "$(stat -c %a "$d")" "$root$d"
 }
+skipped=()
+declare -A copied=()
+n=0
 for a in "${artifacts[@]}"; do
 	IFS=$'\t' read -r kind exe dir label <<<"$a"
 	mkdirs "$(dirname "$exe")"
-	mkdirs "$dir"
 	cp "$exe" "$root$exe"
-	if [[ $kind == test ]]; then
-		printf '%s\t%s\t%s\n' "$label" "$exe" "$dir" >>"$root/vmtest/tests.tsv"
+	[[ $kind == test ]] || continue
+	# The package's sources too (tests read files of the checkout, e.g. the
+	# man page and units in scripts/deb), not its build output.
+	if [[ -z ${copied[$dir]:-} ]]; then
+		mkdirs "$dir"
+		tar -C "$dir" --exclude=./target --exclude=./.git -cf - . | tar -C "$root$dir" -xf -
+		copied[$dir]=1
 	fi
+	# Its own arguments: --show-output keeps in the log what passing tests
+	# print (their measurements); --skip for what the guest cannot run.
+	n=$((n + 1))
+	own=args.d/$n
+	echo --show-output >"$root/vmtest/$own"
+	if [[ -n ${guest_skip[$label]:-} ]]; then
+		printf -- '--skip\n%s\n' "${guest_skip[$label]%%|*}" >>"$root/vmtest/$own"
+		skipped+=("$label ${guest_skip[$label]%%|*}: ${guest_skip[$label]#*|}")
+	fi
+	printf '%s\t%s\t%s\t%s\n' "$label" "$exe" "$dir" "$own" >>"$root/vmtest/tests.tsv"
 done
 # The smoke check uses the binaries at their usual place.
 printf '%s\n' "$repo/target/release" >"$root/vmtest/bin"
@@ -298,6 +339,14 @@ else
 	: >"$root/vmtest/args"
 fi
 [[ $smoke == 1 ]] && : >"$root/vmtest/smoke"
+echo "$exe_timeout" >"$root/vmtest/exe_timeout"
+# The tests' environment: their waits scaled for emulation, a smaller
+# stress load, and whatever KTPROXY_* the caller set.
+{
+	env | grep -E '^KTPROXY_[A-Z0-9_]*=' | grep -Ev '^KTPROXY_(TEST_TIME_SCALE|STRESS_CONNECTIONS)=' || true
+	echo "KTPROXY_TEST_TIME_SCALE=$time_scale"
+	echo "KTPROXY_STRESS_CONNECTIONS=${KTPROXY_STRESS_CONNECTIONS:-500}"
+} >"$root/vmtest/env"
 
 size=$(($(du -sm "$root" | cut -f1) + 768))
 mkfs.ext4 -q -F -L vmtest -d "$root" "$work/root.img" "${size}M" >/dev/null ||
@@ -321,7 +370,7 @@ for d in "${kdirs[@]}"; do
 	rm -rf "$out"
 	mkdir -p "$out"
 	truncate -s 256M "$work/results.img"
-	say "booting $kver ($pver) under qemu TCG"
+	say "booting $kver ($pver) under qemu TCG (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 	start=$SECONDS
 	set +e
 	timeout "$vm_timeout" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 2 \
@@ -335,26 +384,37 @@ for d in "${kdirs[@]}"; do
 	took=$((SECONDS - start))
 	tar -xf "$work/results.img" -C "$out" 2>/dev/null || true
 	rm -f "$work/results.img"
-	if [[ ! -f $out/summary.tsv ]]; then
-		why="no results (qemu exit $rc after ${took} s)"
-		[[ $rc -eq 124 ]] && why="timed out after ${vm_timeout} s"
+	load=$(cut -d' ' -f1-3 /proc/loadavg)
+	if [[ -f $out/summary.tsv ]]; then
+		boot=$(cat "$out/boot" 2>/dev/null || echo '?')
+		say "$kver: init after $boot s, whole boot ${took} s (load average now $load)"
+		while IFS=$'\t' read -r label rc secs summary; do
+			if [[ $rc == 0 ]]; then
+				line PASS "$kver" "$label" "$summary (${secs} s)"
+			else
+				line FAIL "$kver" "$label" "$summary (exit $rc, ${secs} s); see $out/$(tr ' /' '__' <<<"$label").log"
+				grep -E '^test .* FAILED$|^ktproxy: error' "$out/$(tr ' /' '__' <<<"$label").log" |
+					sort -u | head -n 10 | sed 's/^/    /' || true
+			fi
+		done <"$out/summary.tsv"
+	fi
+	# The guest writes its results after each test executable, and marks
+	# the end: without the mark, say where it stopped.
+	if [[ ! -f $out/complete ]]; then
+		why="no results"
+		[[ -f $out/summary.tsv ]] && why="results end early"
+		why+=" (qemu exit $rc after ${took} s)"
+		[[ $rc -eq 124 ]] && why+=": the boot timed out (VMTEST_TIMEOUT=$vm_timeout)"
+		running=$(sed -n 's/^vmtest-init: running //p' "$out/console.log" 2>/dev/null | tail -n 1)
+		[[ -n $running ]] && why+="; it was running $running"
 		line FAIL "$kver" boot "$why; see $out/console.log"
 		tail -n 15 "$out/console.log" | sed 's/^/    /'
-		continue
 	fi
-	boot=$(cat "$out/boot" 2>/dev/null || echo '?')
-	say "$kver: init after $boot s, whole boot ${took} s"
-	while IFS=$'\t' read -r label rc secs summary; do
-		if [[ $rc == 0 ]]; then
-			line PASS "$kver" "$label" "$summary (${secs} s)"
-		else
-			line FAIL "$kver" "$label" "$summary (exit $rc, ${secs} s); see $out/$(tr ' /' '__' <<<"$label").log"
-			grep -E '^test .* FAILED$|^ktproxy: error' "$out/$(tr ' /' '__' <<<"$label").log" |
-				sort -u | head -n 10 | sed 's/^/    /' || true
-		fi
-	done <"$out/summary.tsv"
 done
 
+for sk in "${skipped[@]}"; do
+	echo "vmtest: SKIP (every kernel) ${sk}"
+done
 echo "vmtest: logs in $logs"
-echo "vmtest: $passed passed, $failed failed"
+echo "vmtest: $passed passed, $failed failed, ${#skipped[@]} test(s) skipped"
 [[ $failed -eq 0 ]]

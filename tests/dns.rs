@@ -313,7 +313,7 @@ fn the_dns_socket_stays_on_loopback_when_the_listener_does_not() {
         "the cgroup's DNS is answered: {}",
         describe(&out)
     );
-    let wait = Duration::from_millis(500);
+    let wait = scaled(Duration::from_millis(500));
     assert!(
         ask_udp(SocketAddr::new(IpAddr::V4(own4), port), "lan.example", wait).is_none(),
         "the DNS socket answers on {own4}:{port}"

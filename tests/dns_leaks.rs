@@ -138,7 +138,8 @@ fn command_mode_with_an_upstream_leaks_nothing() {
         (0, 0),
         "COMMAND's resolver was reached (datagrams, connections):\n{text}"
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Give a leaked datagram time to arrive before counting.
+    std::thread::sleep(scaled(Duration::from_millis(300)));
     assert_eq!(sink.count(), 0, "UDP to {own4} arrived:\n{text}");
     let counters = kernel_counters(&log).expect("counters");
     assert!(counters["refused_udp"] >= 3, "{counters:?}");

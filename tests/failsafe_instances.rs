@@ -226,15 +226,26 @@ fn a_ktproxy_in_a_pid_namespace_moved_out_of_its_cgroup_stops_the_loop_at_once()
     let ktproxy: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
     fs::write(cg.path().join("cgroup.procs"), ktproxy.to_string()).unwrap();
 
+    // "At once": the client's error comes well before its own timeout
+    // (which a loop that went on would run into); both scaled.
     let started = monotonic_secs();
-    let attempts = probe(&cg, server.addr(), 0.0, 0.0, 5.0);
+    let attempts = probe(&cg, server.addr(), 0.0, 0.0, scaled_secs(5.0));
     assert!(
         attempts[0].reply.as_deref().unwrap_or("").is_empty(),
         "the looped connection should fail: {attempts:?}"
     );
-    assert!(monotonic_secs() - started < 3.0, "{attempts:?}");
+    assert_ne!(
+        attempts[0].err.as_deref(),
+        Some("timed out"),
+        "the looped connection hung: {attempts:?}"
+    );
+    assert!(
+        monotonic_secs() - started < scaled_secs(3.0),
+        "{attempts:?}"
+    );
     proxy.wait_log("is ktproxy's own connection come back", LOG_TIMEOUT);
-    std::thread::sleep(Duration::from_millis(300));
+    // Time for a loop that went on to show in the log.
+    std::thread::sleep(scaled(Duration::from_millis(300)));
     assert_eq!(
         log_count(&proxy, "=== New Connection ==="),
         2,

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use common::*;
 
+/// ktproxy counts as alive while its heartbeat is at most this old (the
+/// kernel's HEARTBEAT_MAX_AGE_NS): the fail-safe's contract, never scaled.
+const HEARTBEAT_MAX_AGE: f64 = 1.0;
+
 /// Fail open: a stopped ktproxy (SIGSTOP, Ctrl-Z) stops renewing its
 /// heartbeat, and within about a second the cgroup's new connects go
 /// direct instead of waiting in the backlog of a listener nobody accepts
@@ -25,19 +29,35 @@ fn sigstop_sends_new_connects_direct_within_a_second_and_sigcont_resumes_interce
     let before = probe(&cg, server.addr(), 0.0, 0.0, 5.0);
     assert!(before[0].proxied_to(&server), "not intercepted: {before:?}");
 
-    let stopped_at = monotonic_secs();
     let stopped = Stopped::new(proxy.pid());
+    // Every thread is stopped by now: the last heartbeat is older than this.
+    let stopped_at = monotonic_secs();
     // Attempts that still reach the stopped ktproxy wait for a reply that
-    // cannot come: 0.2 s each, then the next one.
-    let during = probe(&cg, server.addr(), 2.5, 0.05, 0.2);
+    // cannot come: `timeout` each, then the next one. The timeout (and so
+    // the probe's length) is slack for a direct connect's reply, scaled.
+    let timeout = scaled_secs(0.2);
+    let during = probe(&cg, server.addr(), 2.1 + 2.0 * timeout, 0.05, timeout);
+    // The contract, whatever the probe's pace: every connect that starts
+    // once the heartbeat is too old goes direct (`t` is when an attempt
+    // starts, on the kernel's clock), and stays direct.
+    let deadline = stopped_at + HEARTBEAT_MAX_AGE;
+    let late: Vec<&Attempt> = during.iter().filter(|a| a.t > deadline).collect();
+    assert!(
+        !late.is_empty(),
+        "the probe ended before the heartbeat expired: {during:?}"
+    );
+    assert!(
+        late.iter().all(|a| a.direct_to(&server)),
+        "a connect {HEARTBEAT_MAX_AGE} s after SIGSTOP (at {stopped_at:.3}) did not go direct: \
+         {during:?}"
+    );
     let first_direct = during
         .iter()
         .position(|a| a.direct_to(&server))
-        .unwrap_or_else(|| panic!("no connect went direct while ktproxy was stopped: {during:?}"));
-    let after_stop = during[first_direct].t - stopped_at;
-    assert!(
-        after_stop < 1.6,
-        "connects went direct only {after_stop:.2} s after SIGSTOP: {during:?}"
+        .expect("a direct connect");
+    eprintln!(
+        "first direct connect {:.2} s after SIGSTOP",
+        during[first_direct].t - stopped_at
     );
     assert!(
         during[first_direct..].iter().all(|a| a.direct_to(&server)),
@@ -46,13 +66,15 @@ fn sigstop_sends_new_connects_direct_within_a_second_and_sigcont_resumes_interce
 
     let resumed_at = monotonic_secs();
     drop(stopped);
-    let after = probe(&cg, server.addr(), 1.5, 0.05, 2.0);
+    let after = probe(&cg, server.addr(), 1.5, 0.05, scaled_secs(2.0));
     let first_proxied = after
         .iter()
         .position(|a| a.proxied_to(&server))
         .unwrap_or_else(|| panic!("nothing intercepted after SIGCONT: {after:?}"));
+    // "At once": as soon as ktproxy runs again; the second is slack for
+    // scheduling it (scaled).
     assert!(
-        after[first_proxied].t - resumed_at < 1.0,
+        after[first_proxied].t - resumed_at < scaled_secs(1.0),
         "interception resumed only {:.2} s after SIGCONT: {after:?}",
         after[first_proxied].t - resumed_at
     );
@@ -78,12 +100,16 @@ fn kill_9_in_command_mode_leaves_a_guard_that_refuses_leftovers_until_their_cgro
     let script = dir.path().join("probe.py");
     let out = dir.path().join("probe.out");
     fs::write(&script, PROBE).unwrap();
+    // The probe outlives the checks below, whatever the time scale: it is
+    // killed with its cgroup at the end.
     let sh = format!(
-        "{} {} {} {} 8 0.05 0.5 >{} 2>&1 & wait",
+        "{} {} {} {} {} 0.05 {} >{} 2>&1 & wait",
         python(),
         script.display(),
         server.addr().ip(),
         server.addr().port(),
+        scaled_secs(8.0),
+        scaled_secs(0.5),
         out.display()
     );
     let mut run = CommandRun::spawn(&mut ktproxy_cmd(
@@ -205,11 +231,13 @@ fn kill_9_in_command_mode_leaves_udp_refused_too() {
     let script = dir.path().join("udp_probe.py");
     let out = dir.path().join("udp_probe.out");
     fs::write(&script, UDP_PROBE).unwrap();
+    // Outlives the checks below: it is killed with its cgroup.
     let sh = format!(
-        "{} {} {own4} {} 8 >{} 2>&1 & wait",
+        "{} {} {own4} {} {} >{} 2>&1 & wait",
         python(),
         script.display(),
         sink.addr.port(),
+        scaled_secs(8.0),
         out.display()
     );
     let mut run = CommandRun::spawn(&mut ktproxy_cmd(
@@ -261,7 +289,7 @@ fn kill_9_in_command_mode_leaves_udp_refused_too() {
     );
     assert!(after.iter().any(|s| s.1 == 53) && after.iter().any(|s| s.1 != 53));
     // Give a leaked datagram time to arrive before counting.
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(scaled(Duration::from_millis(300)));
     assert_eq!(sink.count(), 0, "UDP reached this host's own address");
     assert_eq!(dns.counts().0, 0, "a DNS query reached this host's own :53");
 
@@ -280,12 +308,17 @@ fn sigstop_in_command_mode_with_an_upstream_refuses_connects_with_eperm() {
     let script = dir.path().join("probe.py");
     let out = dir.path().join("probe.out");
     fs::write(&script, PROBE).unwrap();
+    // A proxied attempt's reply may take `timeout` (slack, scaled); one
+    // that reaches the stopped ktproxy hangs that long. The probe goes on
+    // long enough for attempts after the heartbeat expired.
+    let timeout = scaled_secs(0.3);
     let sh = format!(
-        "exec {} {} {} {} 6 0.05 0.3 >{}",
+        "exec {} {} {} {} {} 0.05 {timeout} >{}",
         python(),
         script.display(),
         server.addr().ip(),
         server.addr().port(),
+        6.0 + 2.0 * timeout,
         out.display()
     );
     let mut run = CommandRun::spawn(&mut ktproxy_cmd(
@@ -301,12 +334,14 @@ fn sigstop_in_command_mode_with_an_upstream_refuses_connects_with_eperm() {
         attempts(),
         run.stderr_now()
     );
-    let stopped_at = monotonic_secs();
     let stopped = Stopped::new(run.pid() as i32);
+    // Every thread is stopped by now: the last heartbeat is older than this.
+    let stopped_at = monotonic_secs();
+    let deadline = stopped_at + HEARTBEAT_MAX_AGE;
     assert!(
         wait_until(Duration::from_secs(10), || attempts()
             .last()
-            .is_some_and(|a| a.t > stopped_at + 2.0)),
+            .is_some_and(|a| a.t > deadline + 0.5)),
         "the probe stopped: {:?}",
         attempts()
     );
@@ -319,25 +354,29 @@ fn sigstop_in_command_mode_with_an_upstream_refuses_connects_with_eperm() {
         !during.iter().any(|a| a.direct_to(&server)),
         "a connect went direct while ktproxy was stopped: {during:?}"
     );
-    let first_eperm = during
-        .iter()
-        .find(|a| a.failed_with(libc::EPERM))
-        .unwrap_or_else(|| panic!("no connect refused with EPERM: {during:?}"));
-    assert!(first_eperm.t - stopped_at < 1.6, "{during:?}");
+    // The contract, whatever the probe's pace: every connect that starts
+    // once the heartbeat is too old is refused at once.
+    let late: Vec<&Attempt> = during.iter().filter(|a| a.t > deadline).collect();
+    assert!(!late.is_empty(), "{during:?}");
+    assert!(
+        late.iter().all(|a| a.failed_with(libc::EPERM)),
+        "a connect {HEARTBEAT_MAX_AGE} s after SIGSTOP (at {stopped_at:.3}) was not refused \
+         with EPERM: {during:?}"
+    );
     let out = run.finish(RUN_TIMEOUT);
     assert_eq!(exit_code(&out), 0, "{}", describe(&out));
 }
 
-/// Holds connections open from the cgroup, one more per line on stdin;
-/// prints `served` (the echo came back), `refused ERR` (reset, refused or
-/// closed) or `hung` (nothing within 3 s) for each.
+/// Holds connections open from HOST PORT from the cgroup, one more per line
+/// on stdin; prints `served` (the echo came back), `refused ERR` (reset,
+/// refused or closed) or `hung` (nothing within SECONDS) for each.
 const HOLDER: &str = r#"
 import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 held = []
 for line in sys.stdin:
     s = socket.socket()
-    s.settimeout(3)
+    s.settimeout(seconds)
     try:
         s.connect((host, port))
         s.sendall(b"ping")
@@ -366,6 +405,8 @@ fn with_thread_creation_failing_new_connections_are_refused_promptly_and_served_
                 HOLDER,
                 &echo.addr().ip().to_string(),
                 &echo.addr().port().to_string(),
+                // A hang never ends: 3 s (scaled) tell it from a slow reply.
+                &scaled_secs(3.0).to_string(),
             ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -436,10 +477,12 @@ fn a_cgroup_removed_and_created_again_is_intercepted_again_with_a_warning() {
     fs::create_dir(cg.path()).expect("mkdir of the -c cgroup");
     let created_at = monotonic_secs();
     proxy.wait_log("re-attached to the new cgroup", LOG_TIMEOUT);
+    // "Within about a second" (the watchdog looks every 250 ms), plus half
+    // a second of slack for scheduling, scaled.
+    let took = monotonic_secs() - created_at;
     assert!(
-        monotonic_secs() - created_at < 1.5,
-        "re-attached only after {:.2} s",
-        monotonic_secs() - created_at
+        took < 1.0 + scaled_secs(0.5),
+        "re-attached only after {took:.2} s"
     );
     check_route(&cg, &proxy, &server, "127.0.0.1", true);
     let names = attached_programs(cg.path());

@@ -159,7 +159,7 @@ fn a_thousand_connections_succeed_while_the_stderr_reader_sleeps_and_drops_are_c
     );
     let (status, took) = proxy
         .stop(libc::SIGTERM, Duration::from_secs(2))
-        .expect("ktproxy still running 2 s after SIGTERM");
+        .expect("ktproxy still running after SIGTERM");
     assert_eq!(status.code(), Some(0), "{status}");
     eprintln!("exit after SIGTERM took {took:?}");
     if let Some(r) = proxy.reader.take() {
@@ -220,7 +220,7 @@ fn stderr_into_a_pipe_nobody_reads_neither_stops_proxying_nor_delays_the_exit() 
 
     let (status, took) = proxy
         .stop(libc::SIGTERM, Duration::from_secs(2))
-        .expect("ktproxy still running 2 s after SIGTERM, with stderr stuck");
+        .expect("ktproxy still running after SIGTERM, with stderr stuck");
     eprintln!("exit after SIGTERM with stderr stuck took {took:?}");
     assert_eq!(status.code(), Some(0), "{status}");
 }

@@ -6,6 +6,8 @@
 mod common;
 
 use std::fs;
+use std::io::Write;
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -170,13 +172,18 @@ fn a_socket_connecting_again_after_a_failed_connect_keeps_no_stale_destination()
     );
 }
 
-/// Opens connection 1 to FIRST from local port P, resets it (still in
-/// ktproxy's accept queue: ktproxy is stopped), opens connection 2 to
-/// SECOND from the same port, so with the same 4-tuple; signals readiness
-/// by printing `ready`, then prints what connection 2 receives.
+/// Prints `started`, then waits for a line on stdin (the test stops
+/// ktproxy meanwhile: the interpreter's start-up must not eat into the
+/// heartbeat's last second). Then opens connection 1 to FIRST from local
+/// port P, resets it (still in ktproxy's accept queue: ktproxy is stopped),
+/// opens connection 2 to SECOND from the same port, so with the same
+/// 4-tuple; signals readiness by printing `ready`, then prints what
+/// connection 2 receives.
 const REUSE_CLIENT: &str = r#"
 import socket, struct, sys
 host, first, second = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print("started", flush=True)
+sys.stdin.readline()
 def conn(port, local):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -215,11 +222,6 @@ fn a_connection_dead_in_the_accept_queue_cannot_take_its_tuples_next_destination
     let first = HelloServer::start();
     let second = HelloServer::start();
     let proxy = Proxy::start(&cg, &[]);
-    // A connection just now: the heartbeat is fresh, and stays so for the
-    // fraction of a second the stopped ktproxy still gets redirects.
-    let warm = probe(&cg, first.addr(), 0.0, 0.0, 5.0);
-    assert!(warm[0].proxied_to(&first));
-    let stopped = Stopped::new(proxy.pid());
     let dir = TempDir::new("reuse");
     let out = dir.path().join("out");
     let mut client = KillOnDrop::spawn(
@@ -231,8 +233,24 @@ fn a_connection_dead_in_the_accept_queue_cannot_take_its_tuples_next_destination
                 &first.addr().port().to_string(),
                 &second.addr().port().to_string(),
             ])
+            .stdin(Stdio::piped())
             .stdout(fs::File::create(&out).unwrap()),
     );
+    assert!(
+        wait_until(Duration::from_secs(10), || read_lossy(&out)
+            .contains("started")),
+        "the client did not start: {}",
+        read_lossy(&out)
+    );
+    // A connection just now: the heartbeat is fresh, and stays so for the
+    // fraction of a second the stopped ktproxy still gets redirects. The
+    // client, already running, connects twice within it.
+    let warm = probe(&cg, first.addr(), 0.0, 0.0, 5.0);
+    assert!(warm[0].proxied_to(&first));
+    let stopped = Stopped::new(proxy.pid());
+    let mut go = client.0.stdin.take().unwrap();
+    writeln!(go, "go").unwrap();
+    drop(go);
     assert!(
         wait_until(Duration::from_secs(5), || read_lossy(&out)
             .contains("ready")),
@@ -247,9 +265,9 @@ fn a_connection_dead_in_the_accept_queue_cannot_take_its_tuples_next_destination
     );
     let text = read_lossy(&out);
     let port: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
+        .lines()
+        .find_map(|l| l.strip_prefix("ready "))
+        .and_then(|p| p.trim().parse().ok())
         .expect("ready PORT");
     // Both were redirected: ktproxy saw the tuple twice.
     let client_line = format!("Client: 127.0.0.1:{port}\n");

@@ -227,9 +227,9 @@ fn man_page_quotes_the_log_lines_scripts_parse() {
 
 // ---- systemd: readiness, start helper, capabilities ----------------------------------------
 
-/// The next datagram on `sock`, as text; None after `timeout`.
+/// The next datagram on `sock`, as text; None after `timeout` (scaled).
 fn next_datagram(sock: &UnixDatagram, timeout: Duration) -> Option<String> {
-    sock.set_read_timeout(Some(timeout)).unwrap();
+    sock.set_read_timeout(Some(scaled(timeout))).unwrap();
     let mut buf = [0u8; 4096];
     match sock.recv(&mut buf) {
         Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),

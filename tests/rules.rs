@@ -182,7 +182,9 @@ fn big_rule_file(dir: &TempDir, name: &str, extra: &str) -> (PathBuf, usize) {
 
 /// Starts ktproxy with `extra`, returning it and the time from spawn to its
 /// ready line (which comes after the programs are loaded and the rules are
-/// in the kernel's maps).
+/// in the kernel's maps). Only printed: how fast is scripts/bench.sh's
+/// question ("start-up to ready with 10,000 rules"); here, the scaled
+/// READY_TIMEOUT catches a hang.
 fn start_timed<'a>(cg: &'a TestCgroup, extra: &[&str]) -> (Proxy<'a>, Duration) {
     let started = Instant::now();
     let proxy = Proxy::start(cg, extra);
@@ -190,7 +192,7 @@ fn start_timed<'a>(cg: &'a TestCgroup, extra: &[&str]) -> (Proxy<'a>, Duration) 
 }
 
 #[test]
-fn dest_file_of_10000_cidrs_is_ready_within_1s_and_honoured() {
+fn dest_file_of_10000_cidrs_is_loaded_and_honoured() {
     require_root();
     let cg = TestCgroup::new("dest_file_10k");
     let dir = TempDir::new("dest-file");
@@ -202,11 +204,6 @@ fn dest_file_of_10000_cidrs_is_ready_within_1s_and_honoured() {
 
     let (proxy, took) = start_timed(&cg, &with_dual(&["--dest-file", path]));
     eprintln!("--dest-file with {rules} rules: ready {took:?} after spawn");
-    assert!(
-        took < Duration::from_secs(1),
-        "ready only after {took:?}:\n{}",
-        proxy.log()
-    );
     let log = proxy.log();
     assert!(
         log.contains(&format!("{rules} destination rule(s)")),
@@ -218,7 +215,7 @@ fn dest_file_of_10000_cidrs_is_ready_within_1s_and_honoured() {
 }
 
 #[test]
-fn exclude_file_of_10000_cidrs_is_ready_within_1s_and_honoured() {
+fn exclude_file_of_10000_cidrs_is_loaded_and_honoured() {
     require_root();
     let cg = TestCgroup::new("exclude_file_10k");
     let dir = TempDir::new("exclude-file");
@@ -230,11 +227,6 @@ fn exclude_file_of_10000_cidrs_is_ready_within_1s_and_honoured() {
 
     let (proxy, took) = start_timed(&cg, &with_dual(&["--exclude-file", path]));
     eprintln!("--exclude-file with {rules} rules: ready {took:?} after spawn");
-    assert!(
-        took < Duration::from_secs(1),
-        "ready only after {took:?}:\n{}",
-        proxy.log()
-    );
     let log = proxy.log();
     assert!(log.contains(&format!("{rules} exclusion(s)")), "{log}");
     check_route(&cg, &proxy, &s3, "127.0.0.3", false);

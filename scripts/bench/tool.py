@@ -8,15 +8,25 @@
                                      IDS is a comma list of program ids (the
                                      ones ktproxy holds), BEFORE/AFTER are
                                      `bpftool -j prog show` outputs
+  tool.py rules FILE N               writes N distinct IPv4 CIDRs (a rule file)
+  tool.py startup KTPROXY ARGS...    milliseconds from starting KTPROXY ARGS to
+                                     its ready line (then SIGTERM); at most 60 s
   tool.py report RESULTS MODES TITLE
                                      Markdown table of medians from the
                                      results file (lines: run mode metric value)
 """
 
 import json
+import os
+import selectors
+import signal
 import socket
 import statistics
+import subprocess
 import sys
+import time
+
+READY = "ktproxy ready: listening on "  # src/logline.rs
 
 
 def free_ports(k):
@@ -80,6 +90,44 @@ def bpf_delta(ids_arg, before, after, conns):
     return 0
 
 
+def rules(path, n):
+    """N distinct networks: /24s of 10.0.0.0/8, as a long exclusion list."""
+    with open(path, "w") as f:
+        f.write("# %d generated networks\n" % n)
+        for i in range(n):
+            f.write("10.%d.%d.0/24\n" % (i // 256 % 256, i % 256))
+
+
+def startup(argv):
+    """Spawn to ready line, in ms; the process is stopped (SIGTERM) after."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
+    sel = selectors.DefaultSelector()
+    sel.register(p.stderr, selectors.EVENT_READ)
+    buf, ms, deadline = b"", None, t0 + 60
+    while ms is None and time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        chunk = os.read(p.stderr.fileno(), 65536)
+        if not chunk:
+            break
+        buf += chunk
+        if READY.encode() in buf:
+            ms = (time.monotonic() - t0) * 1000
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    if ms is None:
+        print("no ready line: " + buf.decode(errors="replace")[-500:].replace("\n", " | "))
+        return 1
+    print("%.1f" % ms)
+    return 0
+
+
 # key, label, decimals, ratio-to-direct makes sense, aggregate
 METRICS = [
     ("iperf1_gbps", "iperf3, 1 stream (Gbit/s)", 2, True, "median"),
@@ -113,6 +161,8 @@ METRICS = [
     ("dns_lost", "↳ queries without a reply (sum of runs)", 0, False, "sum"),
     ("dns_pss_kib", "DNS: responder Pss growth over the distinct names (KiB)", 0, False, "median"),
     ("dns_bytes_per_name", "↳ per name kept (table of 65,536; bytes)", 0, False, "median"),
+    ("startup_ms", "start-up: spawn to ready line (ms)", 0, False, "median"),
+    ("startup_rules_ms", "↳ with 10,000 `--exclude-file` CIDRs (ms; target < 1,000)", 0, False, "median"),
 ]
 
 
@@ -240,6 +290,11 @@ def main(argv):
         return iperf(argv[2])
     if cmd == "bpf-delta" and len(argv) == 6:
         return bpf_delta(*argv[2:])
+    if cmd == "rules" and len(argv) == 4:
+        rules(argv[2], int(argv[3]))
+        return 0
+    if cmd == "startup" and len(argv) >= 3:
+        return startup(argv[2:])
     if cmd == "report" and len(argv) == 5:
         return report(*argv[2:])
     print(__doc__, file=sys.stderr)

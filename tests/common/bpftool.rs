@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::process::{describe, need, run_within, stdout, wait_until};
+use super::process::{describe, need, run_within, scaled, stdout, wait_until};
 use super::proxy::Proxy;
 
 /// `bpftool -j ARGS`, parsed; no output at all is an empty array.
@@ -192,7 +192,7 @@ pub fn cgroup_tree_programs() -> Vec<(String, u64, String)> {
 /// them and no cgroup lists them. Every program ktproxy loads is attached
 /// while it runs (by a link, or as COMMAND's guard), so such a program was
 /// left behind: a legacy attachment to a cgroup that is gone but not yet
-/// released, or a leak. Only those still orphaned a second later count
+/// released, or a leak. Only those still orphaned a second (scaled) later count
 /// (a ktproxy between loading and attaching is one for a moment).
 fn orphan_programs() -> Vec<(u64, String)> {
     let orphans = || -> Vec<(u64, String)> {
@@ -213,7 +213,8 @@ fn orphan_programs() -> Vec<(u64, String)> {
     if first.is_empty() {
         return first;
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // Loading and verifying takes longer where the CPU is emulated: scaled.
+    std::thread::sleep(scaled(Duration::from_secs(1)));
     let second = orphans();
     first.into_iter().filter(|p| second.contains(p)).collect()
 }

@@ -12,7 +12,7 @@ use ktproxy::logline::parse_peer_line;
 
 use super::cgroup::TestCgroup;
 use super::netns::NetNs;
-use super::process::{describe, run_within, stdout};
+use super::process::{describe, run_within, scaled_secs, stdout};
 use super::servers::PacedServer;
 use super::TESTCLIENT;
 
@@ -31,9 +31,11 @@ pub fn client_peer(cg: &TestCgroup, dial: SocketAddr) -> (SocketAddr, SocketAddr
         .unwrap_or_else(|| panic!("testclient peer printed: {}", describe(&out)))
 }
 
-/// curl arguments for one bounded GET that ignores any configured proxy.
+/// curl arguments for one bounded GET (10 s, scaled) that ignores any
+/// configured proxy.
 pub fn curl_args(url: &str) -> Vec<String> {
-    ["-sS", "--noproxy", "*", "--max-time", "10", "-g", url]
+    let max_time = format!("{:.1}", scaled_secs(10.0));
+    ["-sS", "--noproxy", "*", "--max-time", &max_time, "-g", url]
         .map(String::from)
         .to_vec()
 }

@@ -12,7 +12,8 @@ use super::cgroup::{
     cgroup_procs, command_cgroup_of, kill_all_in, own_cgroup_of, remove_cgroup_dir,
 };
 use super::process::{
-    describe, read_lossy, signal, sigterm_when_the_test_dies, tail, wait_child, TempDir, PROXY_ENV,
+    describe, read_lossy, scaled, signal, sigterm_when_the_test_dies, tail, wait_child, TempDir,
+    PROXY_ENV,
 };
 use super::KTPROXY;
 
@@ -103,8 +104,9 @@ impl CommandRun {
                 stderr: fs::read(&self.err).unwrap_or_default(),
             },
             None => panic!(
-                "{} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+                "{} did not finish within {:?}\nstdout: {}\nstderr: {}",
                 self.shown,
+                scaled(timeout),
                 read_lossy(&self.out),
                 tail(&read_lossy(&self.err), 40)
             ),

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use super::clients::python;
 use super::command::{CommandRun, RUN_TIMEOUT};
-use super::process::{need, run_within, stdout, PROXY_ENV};
+use super::process::{need, run_within, scaled, stdout, PROXY_ENV};
 use super::upstream::Peer;
 use super::KTPROXY;
 
@@ -320,7 +320,7 @@ impl EchoNameSocks {
                     return;
                 }
                 let Ok(mut c) = conn else { continue };
-                let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                let _ = c.set_read_timeout(Some(scaled(Duration::from_secs(10))));
                 if let Some(target) = socks_request(&mut c) {
                     let _ = c.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
                     let _ = c.write_all(format!("{target}\n").as_bytes());

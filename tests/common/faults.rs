@@ -152,14 +152,38 @@ pub fn probe_args(to: SocketAddr, seconds: f64, pause: f64, timeout: f64) -> Vec
 pub struct Stopped(i32);
 
 impl Stopped {
+    /// Returns once every thread of `pid` has stopped: from then on it does
+    /// nothing (renews no heartbeat), which tests of the fail-safe time from.
     pub fn new(pid: i32) -> Stopped {
         signal(pid, libc::SIGSTOP);
         assert!(
-            wait_until(Duration::from_secs(5), || process_state(pid) == Some('T')),
+            wait_until(Duration::from_secs(5), || all_threads_stopped(pid)),
             "process {pid} did not stop"
         );
         Stopped(pid)
     }
+}
+
+/// Whether every thread of `pid` is stopped (state T): a group stop reaches
+/// the threads one by one, and /proc/PID/stat shows only the main thread's.
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in tasks.flatten() {
+        let st = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let state = st
+            .rfind(')')
+            .and_then(|i| st[i + 1..].trim_start().chars().next());
+        // A thread that exits meanwhile (no stat any more, or a zombie)
+        // renews nothing either.
+        if state.is_some_and(|s| !matches!(s, 'T' | 'Z' | 'X')) {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 impl Drop for Stopped {
@@ -179,27 +203,38 @@ pub fn thread_count(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }
 
-/// A pids cgroup of the test's own, holding one process (moved in by the
-/// test), with a cap on its tasks (threads included). cgroup v1's pids
-/// hierarchy where it is mounted (hybrid systems, like this one), else a
-/// v2 child of the test cgroup... which needs the pids controller enabled
-/// there: the test then says so. Drop moves the process back and removes
-/// the cgroup.
+/// A cap on the tasks (threads included) of one process, with the pids
+/// controller. Where cgroup v1's pids hierarchy is mounted (hybrid systems,
+/// like the development machine): a pids cgroup of the test's own, holding
+/// the process (moved in by the test; Drop moves it back and removes the
+/// cgroup). On a pure cgroup v2 system (Debian 12's default, the
+/// scripts/vmtest.sh guests): the process's own v2 cgroup (ktproxy's
+/// `ktproxy-<pid>`), which has `pids.max` when its parent enables the
+/// controller (Drop lifts the cap); else the test says so.
 pub struct PidsCap {
     dir: PathBuf,
-    home: PathBuf,
+    /// Where the process goes back to on drop: None if it was not moved.
+    home: Option<PathBuf>,
     pid: i32,
 }
 
 impl PidsCap {
     pub fn new(pid: i32) -> PidsCap {
-        let mount = v1_pids_mount().unwrap_or_else(|| {
-            panic!(
-                "this test caps threads with the pids controller, and no cgroup v1 pids \
-                 hierarchy is mounted (on a pure cgroup v2 system, enable +pids in the \
-                 test cgroup's parent's cgroup.subtree_control)"
-            )
-        });
+        let Some(mount) = v1_pids_mount() else {
+            let dir = v2_cgroup_of(pid).filter(|d| d.join("pids.max").exists());
+            let dir = dir.unwrap_or_else(|| {
+                panic!(
+                    "this test caps threads with the pids controller: no cgroup v1 pids \
+                     hierarchy is mounted, and the cgroup v2 of process {pid} has no pids.max \
+                     (enable +pids in its parent's cgroup.subtree_control)"
+                )
+            });
+            return PidsCap {
+                dir,
+                home: None,
+                pid,
+            };
+        };
         let home = mount.join(
             v1_pids_path(pid)
                 .unwrap_or_default()
@@ -207,7 +242,11 @@ impl PidsCap {
         );
         let dir = mount.join(format!("ktproxy-test-{}-{}", std::process::id(), unique()));
         fs::create_dir(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-        let cap = PidsCap { dir, home, pid };
+        let cap = PidsCap {
+            dir,
+            home: Some(home),
+            pid,
+        };
         write(&cap.dir.join("cgroup.procs"), &pid.to_string());
         cap
     }
@@ -240,11 +279,19 @@ impl PidsCap {
 impl Drop for PidsCap {
     fn drop(&mut self) {
         let _ = fs::write(self.dir.join("pids.max"), "max");
+        let Some(home) = &self.home else { return };
         if Path::new(&format!("/proc/{}", self.pid)).exists() {
-            let _ = fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
+            let _ = fs::write(home.join("cgroup.procs"), self.pid.to_string());
         }
         let _ = wait_until(Duration::from_secs(5), || fs::remove_dir(&self.dir).is_ok());
     }
+}
+
+/// The process's cgroup v2 directory ("0::/path" in /proc/PID/cgroup).
+fn v2_cgroup_of(pid: i32) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(super::cgroup::cgroup2_root().join(rel.trim_start_matches('/')))
 }
 
 fn write(path: &Path, text: &str) {

@@ -7,6 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -53,9 +54,43 @@ pub fn unique() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Polls `cond` until it holds or `timeout` passes; says whether it held.
+/// How many times slower than on a development machine the tests may run:
+/// `KTPROXY_TEST_TIME_SCALE` (default 1), read once. scripts/vmtest.sh sets
+/// it in its guests, whose CPU qemu emulates (TCG).
+///
+/// Every bounded wait of the harness (`wait_until` and all that waits
+/// through it: `wait_child`, `run_within`, `Proxy::wait_log`, ...) is a
+/// hang catcher and is multiplied by it. A test that asserts ktproxy's own
+/// timing (the 1 s heartbeat, `--connect-timeout`, `--drain`) keeps that
+/// figure as it is and scales only the slack it adds for scheduling, with
+/// `scaled`. Speed targets are no test's business: scripts/bench.sh
+/// measures them.
+pub fn time_scale() -> f64 {
+    static SCALE: OnceLock<f64> = OnceLock::new();
+    *SCALE.get_or_init(|| match std::env::var("KTPROXY_TEST_TIME_SCALE") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse::<f64>() {
+            Ok(x) if (1.0..=1000.0).contains(&x) => x,
+            _ => panic!("KTPROXY_TEST_TIME_SCALE={v:?}: expected a number from 1 to 1000"),
+        },
+        _ => 1.0,
+    })
+}
+
+/// `d` multiplied by `time_scale()`.
+pub fn scaled(d: Duration) -> Duration {
+    d.mul_f64(time_scale())
+}
+
+/// `scaled(Duration::from_secs_f64(secs))` in seconds, for the arguments
+/// of scripts and clients.
+pub fn scaled_secs(secs: f64) -> f64 {
+    secs * time_scale()
+}
+
+/// Polls `cond` until it holds or `scaled(timeout)` passes; says whether it
+/// held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + scaled(timeout);
     let mut pause = Duration::from_millis(1);
     loop {
         if cond() {
@@ -76,7 +111,7 @@ pub fn signal(pid: i32, sig: libc::c_int) {
     unsafe { libc::kill(pid, sig) };
 }
 
-/// Waits at most `timeout` for `child` to exit.
+/// Waits at most `timeout` (scaled) for `child` to exit.
 pub fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let mut status = None;
     wait_until(timeout, || {
@@ -179,7 +214,7 @@ impl Drop for KillOnDrop {
 }
 
 /// Runs `cmd` (stdin as configured: inherited by default) and collects its
-/// output, killing it if it runs longer than `timeout`: Err(what it printed)
+/// output, killing it if it runs longer than `timeout` (scaled): Err(what it printed)
 /// then. Output goes through files, not pipes, so grandchildren that keep a
 /// pipe open cannot make this hang.
 pub fn output_within(cmd: &mut Command, timeout: Duration) -> Result<Output, Output> {
@@ -216,7 +251,8 @@ pub fn run_within(cmd: &mut Command, timeout: Duration) -> Output {
     let shown = format!("{cmd:?}");
     output_within(cmd.stdin(Stdio::null()), timeout).unwrap_or_else(|o| {
         panic!(
-            "{shown} did not finish within {timeout:?}\nstdout: {}\nstderr: {}",
+            "{shown} did not finish within {:?}\nstdout: {}\nstderr: {}",
+            scaled(timeout),
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         )

@@ -17,7 +17,7 @@ use ktproxy::logline::{parse_listen_addrs, parse_own_cgroup, ready_line};
 use super::cgroup::{remove_cgroup_dir, TestCgroup};
 use super::netns::NetNs;
 use super::process::{
-    read_lossy, signal, sigterm_when_the_test_dies, tail, wait_child, wait_until, TempDir,
+    read_lossy, scaled, signal, sigterm_when_the_test_dies, tail, wait_child, wait_until, TempDir,
 };
 use super::KTPROXY;
 
@@ -172,7 +172,7 @@ impl<'a> Proxy<'a> {
                 if came {
                     "exited before it was ready"
                 } else {
-                    "printed no ready line within 10 s"
+                    "printed no ready line in time"
                 },
                 p.log()
             );
@@ -221,7 +221,8 @@ impl<'a> Proxy<'a> {
             log.contains(needle)
         }) {
             panic!(
-                "ktproxy logged no {needle:?} within {timeout:?}; log tail:\n{}",
+                "ktproxy logged no {needle:?} within {:?}; log tail:\n{}",
+                scaled(timeout),
                 tail(&log, 40)
             );
         }
@@ -253,7 +254,8 @@ impl<'a> Proxy<'a> {
             None => {
                 self.kill9();
                 panic!(
-                    "ktproxy did not exit within {STOP_TIMEOUT:?} of SIGTERM; log tail:\n{}",
+                    "ktproxy did not exit within {:?} of SIGTERM; log tail:\n{}",
+                    scaled(STOP_TIMEOUT),
                     tail(&self.log(), 40)
                 );
             }
@@ -301,7 +303,8 @@ pub fn wait_log_count(proxy: &Proxy, needle: &str, before: usize) {
     let ok = wait_until(LOG_TIMEOUT, || log_count(proxy, needle) > before);
     assert!(
         ok,
-        "ktproxy logged no new {needle:?} within {LOG_TIMEOUT:?}; log tail:\n{}",
+        "ktproxy logged no new {needle:?} within {:?}; log tail:\n{}",
+        scaled(LOG_TIMEOUT),
         tail(&proxy.log(), 40)
     );
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ktproxy::logline::parse_testserver_listening;
 
-use super::process::{monotonic_secs, read_lossy, wait_until, KillOnDrop, TempDir};
+use super::process::{monotonic_secs, read_lossy, scaled, wait_until, KillOnDrop, TempDir};
 use super::TESTSERVER;
 
 /// A loopback TCP port nobody listens on (it was free a moment ago).
@@ -101,9 +101,10 @@ impl TestServer {
             peers.len() >= n
         }) {
             panic!(
-                "server {} accepted {} connections within {timeout:?}, expected {n}",
+                "server {} accepted {} connections within {:?}, expected {n}",
                 self.addr,
-                peers.len()
+                peers.len(),
+                scaled(timeout)
             );
         }
         peers
@@ -118,7 +119,7 @@ impl Drop for TestServer {
     }
 }
 
-/// Per-connection sockets of the servers give up after this long.
+/// Per-connection sockets of the servers give up after this long (scaled).
 const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 macro_rules! server_kind {
@@ -188,8 +189,8 @@ fn hello(mut s: TcpStream) {
 }
 
 fn echo(mut s: TcpStream) {
-    let _ = s.set_read_timeout(Some(SERVER_IO_TIMEOUT));
-    let _ = s.set_write_timeout(Some(SERVER_IO_TIMEOUT));
+    let _ = s.set_read_timeout(Some(scaled(SERVER_IO_TIMEOUT)));
+    let _ = s.set_write_timeout(Some(scaled(SERVER_IO_TIMEOUT)));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match s.read(&mut buf) {
@@ -207,7 +208,7 @@ fn echo(mut s: TcpStream) {
 }
 
 fn reply_after_eof(mut s: TcpStream) {
-    let _ = s.set_read_timeout(Some(SERVER_IO_TIMEOUT));
+    let _ = s.set_read_timeout(Some(scaled(SERVER_IO_TIMEOUT)));
     let mut buf = [0u8; 16 * 1024];
     let mut total = 0usize;
     loop {
@@ -317,9 +318,9 @@ impl PacedServer {
         thread::spawn(move || {
             let r = (|| {
                 let (mut c, _) = l.accept()?;
-                c.set_write_timeout(Some(Duration::from_secs(60)))?;
+                c.set_write_timeout(Some(scaled(Duration::from_secs(60))))?;
                 for (part, wait) in [(&data[..first], false), (&data[first..], true)] {
-                    if wait && go_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+                    if wait && go_rx.recv_timeout(scaled(Duration::from_secs(60))).is_err() {
                         return Err(io::Error::other("never told to go on"));
                     }
                     for chunk in part.chunks(64 * 1024) {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::process::{need, read_lossy, tail, wait_until, KillOnDrop, TempDir};
+use super::process::{need, read_lossy, scaled, tail, wait_until, KillOnDrop, TempDir};
 use super::proxy::LOG_TIMEOUT;
 
 const LOCALHOST_V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -147,7 +147,8 @@ impl Peer {
             log.contains(needle)
         }) {
             panic!(
-                "the upstream proxy logged no {needle:?} within {LOG_TIMEOUT:?}; its log:\n{}",
+                "the upstream proxy logged no {needle:?} within {:?}; its log:\n{}",
+                scaled(LOG_TIMEOUT),
                 tail(&log, 30)
             );
         }
