@@ -44,6 +44,15 @@ pub fn relay_args(opts: &[&str]) -> Vec<String> {
     }
 }
 
+/// The relay the tests' ktproxy uses when its options choose none:
+/// `KTPROXY_TEST_RELAY`, or ktproxy's default, splice.
+pub fn default_relay() -> String {
+    match std::env::var("KTPROXY_TEST_RELAY") {
+        Ok(kind) if !kind.is_empty() => kind,
+        _ => "splice".to_string(),
+    }
+}
+
 /// `DUAL` followed by `extra`.
 pub fn with_dual<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     DUAL.iter().copied().chain(extra.iter().copied()).collect()
