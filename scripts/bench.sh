@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks ktproxy against direct connections and haproxy, side by side:
 #
-#   sudo scripts/bench.sh [--quick] [--smoke] [--no-haproxy] [--relays LIST]
+#   sudo scripts/bench.sh [--quick] [--smoke] [--no-haproxy]
 #
 #   (default)     3 runs of everything, medians; iperf3 and wrk 5 s each,
 #                 5000 idle connections. About 4 minutes on 2 vCPUs.
@@ -10,13 +10,10 @@
 #                 installs: a row whose tool is missing prints SKIP. Exits
 #                 non-zero when ktproxy fails to proxy (scripts/test.sh runs it).
 #   --no-haproxy  leave out the haproxy reference column
-#   --relays LIST ktproxy's relays to measure, comma-separated: splice,sockmap
-#                 (the default: both, as columns "ktproxy" and "sockmap")
 #
 # Every workload runs these ways: direct (the client in the benchmark cgroup,
-# ktproxy not running), ktproxy (client in the cgroup, ktproxy -q -c cgroup
-# --relay splice), sockmap (the same with --relay sockmap) and haproxy (mode
-# tcp, nbthread 2; the client dials haproxy's port). The
+# ktproxy not running), ktproxy (client in the cgroup, ktproxy -q -c cgroup)
+# and haproxy (mode tcp, nbthread 2; the client dials haproxy's port). The
 # Markdown table comes last, on stdout; progress and raw tool lines go to
 # stderr. Everything stays on 127.0.0.1; every step is bounded in time.
 #
@@ -35,16 +32,9 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 
-quick=0 smoke=0 use_haproxy=1 relays=splice,sockmap
-want_relays=0
+quick=0 smoke=0 use_haproxy=1
 for arg in "$@"; do
-	if ((want_relays)); then
-		relays=$arg want_relays=0
-		continue
-	fi
 	case $arg in
-	--relays) want_relays=1 ;;
-	--relays=*) relays=${arg#--relays=} ;;
 	--quick) quick=1 ;;
 	--smoke) smoke=1 ;;
 	--no-haproxy) use_haproxy=0 ;;
@@ -316,9 +306,9 @@ cpu_ticks() {
 	echo $((f[11] + f[12]))
 }
 
-# kworker_ticks: utime+stime of every kernel worker thread, summed. The
-# sockmap relay's psock backlog sends in them, so its CPU is not ktproxy's:
-# measured for every mode (direct shows what the machine does anyway).
+# kworker_ticks: utime+stime of every kernel worker thread, summed: work the
+# kernel does for a mode outside its own threads (direct shows what the
+# machine does anyway).
 kworker_ticks() {
 	local f stat a total=0
 	for f in /proc/[0-9]*/stat; do
@@ -330,31 +320,12 @@ kworker_ticks() {
 	echo "$total"
 }
 
-# relay_runs: how often ktproxy's sockmap verdict program has run (bpf_stats
-# must be on): the proof that a sockmap run was relayed, as ktproxy itself
-# then uses no CPU.
-relay_runs() {
-	((skip_bpf)) && {
-		echo 0
-		return
-	}
-	bpftool -j prog show 2>/dev/null | "$py" -c '
-import json, sys
-ids = {int(x) for x in sys.argv[1].split(",") if x}
-print(sum(p.get("run_cnt", 0) for p in json.load(sys.stdin)
-          if p.get("id") in ids and p.get("name") == "ktproxy_relay"))' "$prog_ids"
-}
-
-# proxied MODE RUN WHAT C0 C1 R0 R1: fails the run when MODE is ktproxy's and
-# the workload did not go through it (no CPU used, or, for sockmap, the
-# verdict program never ran).
+# proxied MODE RUN WHAT C0 C1: fails the run when MODE is ktproxy's and the
+# workload did not go through it (it used no CPU).
 proxied() {
 	local mode=$1 run=$2 what=$3
 	[[ -n $proxy_pid ]] || return 0
-	if [[ $mode == sockmap ]]; then
-		((skip_bpf || $7 > $6)) || [[ $(cat /proc/sys/kernel/bpf_stats_enabled 2>/dev/null) != 1 ]] ||
-			fail_or_warn "$mode" "run $run: the sockmap verdict never ran during $what: was it proxied?"
-	elif (($5 == $4)); then
+	if (($5 == $4)); then
 		fail_or_warn "$mode" "run $run: $mode used no CPU during $what: was it proxied?"
 	fi
 }
@@ -435,19 +406,10 @@ EOF
 	fi
 fi
 
-# The ktproxy modes: "ktproxy" relays with splice, "sockmap" in the kernel.
-modes=(direct)
-for r in ${relays//,/ }; do
-	case $r in
-	splice) modes+=(ktproxy) ;;
-	sockmap) modes+=(sockmap) ;;
-	*) die "--relays: unknown relay '$r' (splice, sockmap)" ;;
-	esac
-done
+modes=(direct ktproxy)
 ((use_haproxy)) && modes+=(haproxy)
 # is_kt MODE: the mode runs ktproxy.
-is_kt() { [[ $1 == ktproxy || $1 == sockmap ]]; }
-relay_of() { if [[ $1 == sockmap ]]; then echo sockmap; else echo splice; fi; }
+is_kt() { [[ $1 == ktproxy ]]; }
 
 # ---- the proxy under test ---------------------------------------------------------
 
@@ -469,10 +431,10 @@ start_proxy() {
 			warnings+=("run $run: connect programs from elsewhere apply to $cg: 'direct' may be proxied")
 		fi
 		;;
-	ktproxy | sockmap)
+	ktproxy)
 		set_bpf_stats_on
 		# shellcheck disable=SC2086 # KTPROXY_ARGS: words on purpose
-		"$ktproxy" -q -c "$cg" -l "127.0.0.1:$kt_port" --relay "$(relay_of "$mode")" ${KTPROXY_ARGS:-} \
+		"$ktproxy" -q -c "$cg" -l "127.0.0.1:$kt_port" ${KTPROXY_ARGS:-} \
 			"${proxy_extra[@]}" >"$tmp/ktproxy.log" 2>&1 &
 		proxy_pid=$!
 		pids+=("$proxy_pid")
@@ -618,13 +580,13 @@ idle_test() {
 # ---- workload 1: iperf3 ---------------------------------------------------------------
 
 run_iperf() {
-	local run=$1 mode=$2 streams=$3 port out c0 c1 k0 k1 r0 r1 res gbps bytes
+	local run=$1 mode=$2 streams=$3 port out c0 c1 k0 k1 res gbps bytes
 	port=$(port_for "$mode" "$iperf_port" "$hp_iperf")
 	out=$tmp/iperf-$mode-$run-$streams.json
-	c0=$(cpu_ticks "$proxy_pid") k0=$(kworker_ticks) r0=$(relay_runs)
+	c0=$(cpu_ticks "$proxy_pid") k0=$(kworker_ticks)
 	in_cg timeout -k 5 $((iperf_t + 20)) iperf3 -c 127.0.0.1 -p "$port" -t "$iperf_t" -P "$streams" -J \
 		>"$out" 2>"$out.err" || true
-	c1=$(cpu_ticks "$proxy_pid") k1=$(kworker_ticks) r1=$(relay_runs)
+	c1=$(cpu_ticks "$proxy_pid") k1=$(kworker_ticks)
 	if ! res=$("$py" "$here/tool.py" iperf "$out"); then
 		fail_or_warn "$mode" "run $run: $mode: iperf3 -P $streams failed: $res $(head -c 300 "$out.err")"
 		return 0
@@ -632,7 +594,7 @@ run_iperf() {
 	read -r gbps bytes <<<"$res"
 	log "run $run $mode iperf3 -P $streams: $gbps Gbit/s"
 	record "$run" "$mode" "iperf${streams}_gbps" "$gbps"
-	proxied "$mode" "$run" "iperf3 -P $streams" "$c0" "$c1" "$r0" "$r1"
+	proxied "$mode" "$run" "iperf3 -P $streams" "$c0" "$c1"
 	if [[ $streams == 1 && -n $proxy_pid ]] && ((bytes > 0)); then
 		record "$run" "$mode" cpu_per_gib_ms "$(calc "($c1 - $c0) * 1000.0 / $clk_tck / ($bytes / 1073741824)")"
 	fi
@@ -656,7 +618,7 @@ to_us() {
 }
 
 run_wrk() {
-	local run=$1 mode=$2 kind=$3 port out args c0 c1 k0 k1 r0 r1 reqs rps errs non2xx p50 p99 b0 b1 rc=0
+	local run=$1 mode=$2 kind=$3 port out args c0 c1 k0 k1 reqs rps errs non2xx p50 p99 b0 b1 rc=0
 	port=$(port_for "$mode" "$nginx_port" "$hp_http")
 	out=$tmp/wrk-$mode-$run-$kind.txt
 	if [[ $kind == close ]]; then
@@ -666,10 +628,10 @@ run_wrk() {
 	fi
 	b0=$tmp/bpf0.json b1=$tmp/bpf1.json
 	is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b0" 2>/dev/null
-	c0=$(cpu_ticks "$proxy_pid") k0=$(kworker_ticks) r0=$(relay_runs)
+	c0=$(cpu_ticks "$proxy_pid") k0=$(kworker_ticks)
 	in_cg timeout -k 5 $((wrk_d + 20)) wrk "${args[@]}" -d "${wrk_d}s" --latency "http://127.0.0.1:$port/" \
 		>"$out" 2>&1 || rc=$?
-	c1=$(cpu_ticks "$proxy_pid") k1=$(kworker_ticks) r1=$(relay_runs)
+	c1=$(cpu_ticks "$proxy_pid") k1=$(kworker_ticks)
 	is_kt "$mode" && [[ $kind == close && $skip_bpf == 0 ]] && bpftool -j prog show >"$b1" 2>/dev/null
 	reqs=$(awk '/ requests in / {print $1; exit}' "$out")
 	rps=$(awk '/^Requests\/sec:/ {print $2; exit}' "$out")
@@ -704,7 +666,7 @@ run_wrk() {
 	if ((smoke)) && ((e_conn + e_read + e_write + e_timeout + non2xx > 0)); then
 		problems+=("run $run: $mode: wrk ($kind) saw socket errors or non-2xx responses")
 	fi
-	proxied "$mode" "$run" "wrk ($kind)" "$c0" "$c1" "$r0" "$r1"
+	proxied "$mode" "$run" "wrk ($kind)" "$c0" "$c1"
 	if [[ $kind == close ]]; then
 		record "$run" "$mode" kworker_per_conn_us "$(calc "($k1 - $k0) * 1e6 / $clk_tck / $reqs")"
 	else

@@ -187,12 +187,6 @@ if ! cargo build --release --quiet; then
 fi
 pass "cargo build --release"
 step "cargo test --release" cargo test --release
-# The end-to-end tests once more with the sockmap relay (tests/common adds
-# --relay $KTPROXY_TEST_RELAY to every ktproxy it starts without --relay).
-# tests/sockmap.rs chooses its relays itself: its stress tests, which already
-# ran against both relays above, are not repeated.
-step "end-to-end tests with --relay sockmap" \
-	env KTPROXY_TEST_RELAY=sockmap cargo test --release --test '*' -- --skip stress_
 step "curl through ktproxy" curl_check
 step "man page (groff -ww)" man_page_check
 step "systemd units (systemd-analyze verify)" units_check

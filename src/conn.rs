@@ -4,7 +4,6 @@
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -13,7 +12,6 @@ use crate::error::io_text;
 use crate::names::{self, Dns, Route};
 use crate::pipes::{PipePool, COPY_ONLY_ENV};
 use crate::relay::relay;
-use crate::sockmap::RelayMaps;
 use crate::sys::{self, Egress, Origin};
 use crate::upstream::{Target, Upstream};
 
@@ -34,8 +32,6 @@ pub struct Shared {
     next_id: AtomicU64,
     /// DNS interception, when on: fake addresses and DNS over TCP.
     names: Option<Dns>,
-    /// --relay sockmap (None: splice).
-    pub sockmap: Option<Arc<RelayMaps>>,
 }
 
 impl Shared {
@@ -44,7 +40,6 @@ impl Shared {
         connect_timeout: Duration,
         upstream: Option<Upstream>,
         mark: Option<u32>,
-        sockmap: Option<Arc<RelayMaps>>,
     ) -> Shared {
         let copy_only = std::env::var_os(COPY_ONLY_ENV).is_some_and(|v| v == "1");
         if copy_only {
@@ -73,7 +68,6 @@ impl Shared {
             ),
             next_id: AtomicU64::new(1),
             names: None,
-            sockmap,
         }
     }
 
@@ -245,10 +239,7 @@ pub fn serve(shared: &Shared, client: TcpStream, peer: SocketAddr, local: Socket
     };
     info!("#{id} Proxy connection established, from {peer} to {dst}");
 
-    let (totals, err) = match &shared.sockmap {
-        Some(kernel) => kernel.relay(id, &client, &target, &shared.pipes),
-        None => relay(id, &client, &target, &shared.pipes),
-    };
+    let (totals, err) = relay(id, &client, &target, &shared.pipes);
     let secs = started.elapsed().as_secs_f64();
     match err {
         None => info!(

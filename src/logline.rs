@@ -9,12 +9,11 @@
 //! | line (after the time and level, see src/logging.rs) | producer |
 //! |---|---|
 //! | `ktproxy ready: listening on A and B, intercepting ..., ... (own cgroup P; room for ...)` | `run` in src/main.rs |
-//! | `detached; kernel counters: name=N name=N ...` (with `--relay sockmap`, also `relay_sockmap=N relay_spliced=N`) | `run` in src/main.rs |
+//! | `detached; kernel counters: name=N name=N ...` | `run` in src/main.rs |
 //! | `#ID Connecting to target D` and `... via URL`; for a fake address D is `NAME:PORT (FAKE_IP)` | `serve` in src/conn.rs |
 //! | `#ID DNS over TCP from C to D: answered by ktproxy` | `answer_dns` in src/conn.rs |
 //! | `#ID Connection closed, from C to D: N bytes sent, M bytes received, S s` | `serve` in src/conn.rs |
 //! | `#ID Connection reset, from C to D: WHY (N bytes sent, M bytes received, S s)` | `serve` in src/conn.rs |
-//! | `#ID Relaying in the kernel (sockmap)`, `#ID sockmap refused the pair (WHY); relaying with splice` | `RelayMaps::relay` in src/sockmap.rs (`--relay sockmap`) |
 //! | `N log line(s) dropped: ...` after a gap, `N log line(s) dropped in all: ...` at exit | src/logging.rs, with [`dropped_lines`] |
 //! | `#ID no pipe for splice (WHY): copying through N KiB buffers instead` | `relay` in src/relay.rs |
 //! | `draining: waiting up to S s for N open connection(s) ...`, `drained: ...` | `drain` in src/stop.rs |

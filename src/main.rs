@@ -27,7 +27,6 @@ mod relay;
 mod rules;
 mod secret;
 mod server;
-mod sockmap;
 mod stop;
 mod sys;
 mod upstream;
@@ -129,7 +128,6 @@ fn run(cfg: Config) -> Result<i32> {
             cfg.connect_timeout,
             cfg.upstream.clone(),
             cfg.mark,
-            redirect.relay(),
         )
         .with_names(dns),
     );

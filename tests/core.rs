@@ -474,8 +474,7 @@ fn running_out_of_file_descriptors_neither_spins_nor_stops_the_accept_loop() {
     let cg = TestCgroup::new("emfile");
     let echo = EchoServer::start();
     // Room for a handful of connections beyond what ktproxy holds when idle
-    // (BPF objects, listeners, stdio; more with --relay sockmap), set on the
-    // running process.
+    // (BPF objects, listeners, stdio), set on the running process.
     let proxy = Proxy::start(&cg, &[]);
     set_fd_limit(proxy.pid() as u32, fd_count(proxy.pid() as u32) + 12);
     // 30 connections held open from the cgroup: more than ktproxy can take.

@@ -26,18 +26,16 @@ mod stats;
 use std::fs::File;
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, ProgramMut};
 
-use crate::cli::{Config, Relay, Unproxied};
+use crate::cli::{Config, Unproxied};
 use crate::error::{Context, Error, Result};
 use crate::rules::{PortSet, Rules};
-use crate::sockmap::{self, RelayMaps};
 use guard::Guard;
 pub use heartbeat::Heartbeat;
 use layout::{fake_range, fill_rules, ip6_words, lpm_keys};
@@ -50,8 +48,6 @@ use stats::{Counters, STATS};
 mod skel {
     include!(concat!(env!("OUT_DIR"), "/ktproxy.skel.rs"));
 }
-/// The value of `relay_ends`, one per socket of the sockmap relay.
-pub use skel::types::relay_end as RelayEnd;
 use skel::{KtproxySkel, KtproxySkelBuilder};
 
 /// Everything the kernel side needs, fixed in .rodata before load(): there is
@@ -65,8 +61,6 @@ pub struct KernelConfig<'a> {
     listen6: Option<SocketAddrV6>,
     ports: Option<&'a PortSet>,
     rules: &'a Rules,
-    /// --relay sockmap: how many sockets its maps hold; None: no sockmap relay.
-    relay_sockets: Option<u32>,
     names: NamesKernel,
 }
 
@@ -126,7 +120,6 @@ impl<'a> KernelConfig<'a> {
                 unproxied: cfg.names.unproxied,
                 ..NamesKernel::default()
             },
-            relay_sockets: (cfg.relay == Relay::Sockmap).then(sockmap::map_capacity),
         }
     }
 
@@ -152,8 +145,6 @@ pub struct Redirect {
     /// The DNS and UDP-refusal programs (sendmsg, recvmsg) are loaded and
     /// attached with the client side.
     udp: bool,
-    /// --relay sockmap, once its program is attached; None: splice.
-    relay: Option<Arc<RelayMaps>>,
 }
 
 impl Redirect {
@@ -170,7 +161,7 @@ impl Redirect {
                 log::info!("{family} connections are not intercepted: no {family} listen address");
             }
         }
-        let (skel, relay) = load_with_relay(cfg)?;
+        let skel = load(cfg)?;
         let heartbeat = Heartbeat::map(&skel.maps.heartbeat)?;
         // The listeners are bound: until the acceptors start, connections
         // wait in their backlogs, so count as alive from the first connect.
@@ -184,7 +175,6 @@ impl Redirect {
             guard: None,
             heartbeat,
             udp: cfg.names.needs_udp_programs(),
-            relay: relay.map(Arc::new),
         };
         r.exempt(std::process::id(), Exempt::Proxy)?;
         let own_fd = open_dir(own)?;
@@ -271,11 +261,6 @@ impl Redirect {
         let _ = self.skel.maps.exempt_tgids.delete(&tgid.to_ne_bytes());
     }
 
-    /// The sockmap relay, for the connection threads (None: splice).
-    pub fn relay(&self) -> Option<Arc<RelayMaps>> {
-        self.relay.clone()
-    }
-
     /// Each counter summed over CPUs.
     pub fn counters(&self) -> Counters {
         let map = &self.skel.maps.stats;
@@ -294,7 +279,7 @@ impl Redirect {
                 })
                 .unwrap_or(0)
         });
-        Counters(kernel, self.relay.as_ref().map(|r| r.counts()))
+        Counters(kernel)
     }
 }
 
@@ -343,50 +328,7 @@ fn open_dir(path: &Path) -> Result<File> {
     File::open(path).with_context(|| format!("opening cgroup {}", path.display()))
 }
 
-/// `load`, and with --relay sockmap the relay's program attached to its map.
-/// A kernel that cannot load or attach it gets everything else: one warning,
-/// and every connection is spliced.
-fn load_with_relay(cfg: &KernelConfig) -> Result<(KtproxySkel<'static>, Option<RelayMaps>)> {
-    let Some(sockets) = cfg.relay_sockets else {
-        return Ok((load(cfg, None)?, None));
-    };
-    let skel = match load(cfg, Some(sockets)) {
-        Ok(skel) => skel,
-        Err(e) => {
-            log::warn!("--relay sockmap is not available here ({e}); relaying with splice");
-            return Ok((load(cfg, None)?, None));
-        }
-    };
-    let m = &skel.maps;
-    let prog = skel.progs.ktproxy_relay.as_fd();
-    match RelayMaps::attach(prog, &m.relay_ends, &m.relay_peers, &m.relay_verdict) {
-        Ok(relay) => Ok((skel, Some(relay))),
-        Err(e) => {
-            log::warn!("--relay sockmap: {e}; relaying with splice");
-            Ok((skel, None))
-        }
-    }
-}
-
-/// The sockmap relay alone, loaded but with no cgroup program attached: for
-/// src/sockmap.rs's tests (root only).
-#[cfg(test)]
-pub fn relay_for_tests() -> RelayMaps {
-    let args = ["--relay".to_string(), "sockmap".to_string()];
-    let Ok(crate::cli::Action::Run(cfg)) = crate::cli::parse(&args) else {
-        panic!("--relay sockmap does not parse");
-    };
-    let k = KernelConfig::new(&cfg, 0, 0, &[]);
-    match load_with_relay(&k) {
-        // The maps and the program's link have descriptors of their own.
-        Ok((_skel, Some(relay))) => relay,
-        Ok((_, None)) => panic!("the sockmap relay did not load (see the warning)"),
-        Err(e) => panic!("loading the eBPF programs (the tests need root): {e}"),
-    }
-}
-
-/// `relay_sockets`: None leaves the sockmap relay's maps and program out.
-fn load(cfg: &KernelConfig, relay_sockets: Option<u32>) -> Result<KtproxySkel<'static>> {
+fn load(cfg: &KernelConfig) -> Result<KtproxySkel<'static>> {
     // The skeleton borrows its object for as long as the programs are loaded,
     // which is the rest of the process's life.
     let object = Box::leak(Box::new(MaybeUninit::uninit()));
@@ -474,21 +416,6 @@ fn load(cfg: &KernelConfig, relay_sockets: Option<u32>) -> Result<KtproxySkel<'s
             u32::try_from(len.max(1)).map_err(|_| Error::usage("too many destination rules"))?;
         map.set_max_entries(n).context("sizing a rule map")?;
     }
-    match relay_sockets {
-        Some(n) => {
-            for map in [&mut m.relay_ends, &mut m.relay_peers, &mut m.relay_verdict] {
-                map.set_max_entries(n).context("sizing the sockmap relay")?;
-            }
-        }
-        None => {
-            for map in [&mut m.relay_ends, &mut m.relay_peers, &mut m.relay_verdict] {
-                map.set_autocreate(false)
-                    .context("leaving out the sockmap relay")?;
-            }
-            open.progs.ktproxy_relay.set_autoload(false);
-        }
-    }
-
     capture_libbpf_log(true);
     let loaded = open.load();
     let log = capture_libbpf_log(false);

@@ -52,8 +52,6 @@ pub(super) const STATS: [(stat, &str); stat::STAT_MAX.0 as usize] = stat_names![
     STAT_REFUSED_UNPROXYABLE => "refused_unproxyable",
     STAT_DIRECT_UDP => "direct_udp",
     STAT_DIRECT_UNPROXYABLE => "direct_unproxyable",
-    STAT_RELAY_DROPPED => "relay_dropped",
-    STAT_RELAY_TRIMMED => "relay_trimmed",
 ];
 
 // Entry i is enumerator i: with the size, every counter is named exactly once.
@@ -92,18 +90,13 @@ const fn is_enumerator_name(enumerator: &str, name: &str) -> bool {
 
 /// The kernel counters, each summed over CPUs; displayed as the exit line
 /// shows them: `redirected=N skipped_proxy_own=N ...`.
-/// With --relay sockmap, also the pairs it relayed and those it spliced
-/// (`relay_sockmap=N relay_spliced=N`).
-pub struct Counters(pub(super) [u64; STATS.len()], pub(super) Option<(u64, u64)>);
+pub struct Counters(pub(super) [u64; STATS.len()]);
 
 impl fmt::Display for Counters {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, ((_, name), value)) in STATS.iter().zip(self.0).enumerate() {
             let sep = if i == 0 { "" } else { " " };
             write!(f, "{sep}{name}={value}")?;
-        }
-        if let Some((kernel, spliced)) = self.1 {
-            write!(f, " relay_sockmap={kernel} relay_spliced={spliced}")?;
         }
         Ok(())
     }
@@ -117,14 +110,14 @@ mod tests {
     fn counters_are_logged_under_their_enumerators_names_in_enum_order() {
         let values: [u64; STATS.len()] = std::array::from_fn(|i| i as u64 * 10);
         assert_eq!(
-            Counters(values, None).to_string(),
+            Counters(values).to_string(),
             "redirected=0 skipped_proxy_own=10 skipped_other_netns=20 skipped_by_rule=30 \
              skipped_to_proxy=40 no_socket_storage=50 flows_published=60 flows_claimed=70 \
              original_dst_answered=80 bound_to_device=90 kernel_socket=100 mptcp_subflow=110 \
              stale=120 refused=130 guard_refused=140 skipped_upstream=150 loop=160 \
              dns_connect=170 dns_sendmsg=180 dns_reply_source=190 dns_tcp=200 \
              fake_redirected=210 refused_udp=220 refused_unproxyable=230 direct_udp=240 \
-             direct_unproxyable=250 relay_dropped=260 relay_trimmed=270"
+             direct_unproxyable=250"
         );
     }
 

@@ -1,7 +1,7 @@
 //! Command-line parsing: turns argv into a `Config`, or a one-line usage error.
 //!
 //! - this file: `Config`, `Action` and `parse`, with the listen, scope,
-//!   timeout, verbosity and relay options;
+//!   timeout and verbosity options;
 //! - `options.rs`: the option table and the `--help` text;
 //! - `names.rs`: the names (DNS) options;
 //! - `security.rs`: the upstream URL's source, --mark, COMMAND's environment.
@@ -68,40 +68,6 @@ pub struct Config {
     /// Names through the proxy: DNS interception, fake addresses, and what
     /// becomes of traffic ktproxy cannot carry.
     pub names: NamesOptions,
-    /// --relay: how established connections are relayed.
-    pub relay: Relay,
-}
-
-/// `--relay`: who moves the bytes of an established connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Relay {
-    /// ktproxy's connection thread, with splice(2) through pipes.
-    Splice,
-    /// The kernel: a BPF sockhash and stream verdict program (src/sockmap.rs).
-    Sockmap,
-}
-
-impl Relay {
-    /// Measured in scripts/bench.sh on Linux 6.18: splice relays new
-    /// connections at about twice sockmap's rate (README, Performance).
-    pub const DEFAULT: Relay = Relay::Splice;
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Relay::Splice => "splice",
-            Relay::Sockmap => "sockmap",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Relay> {
-        match s {
-            "splice" => Ok(Relay::Splice),
-            "sockmap" => Ok(Relay::Sockmap),
-            _ => Err(Error::usage(format!(
-                "--relay: invalid value '{s}': expected sockmap or splice"
-            ))),
-        }
-    }
 }
 
 impl Config {
@@ -209,11 +175,6 @@ fn parse_with(args: &[String], upstream_env: Option<String>) -> Result<Action> {
     let (upstream, upstream_arg) = parse_upstream(&m, upstream_env, &mut warnings)?;
     let (mark, preserve_env, set_env) = parse_security(&m, user.is_some(), !command.is_empty())?;
     let names = parse_names(&m, &command, cgroup.is_some(), upstream.as_ref(), &listen)?;
-    let relay = m
-        .opt_str("relay")
-        .map(|r| Relay::parse(&r))
-        .transpose()?
-        .unwrap_or(Relay::DEFAULT);
 
     let verbose = m.opt_count("v");
     if verbose > 0 && m.opt_present("q") {
@@ -249,7 +210,6 @@ fn parse_with(args: &[String], upstream_env: Option<String>) -> Result<Action> {
         set_env,
         warnings,
         names,
-        relay,
     })))
 }
 
@@ -349,16 +309,6 @@ mod tests {
         assert_eq!(a.cgroup, b.cgroup);
         assert_eq!(a.log_level, LevelFilter::Debug);
         assert_eq!(b.log_level, LevelFilter::Debug);
-    }
-
-    #[test]
-    fn relay_is_splice_by_default_and_sockmap_on_request() {
-        assert_eq!(run(&[]).relay, Relay::Splice);
-        assert_eq!(run(&["--relay", "sockmap"]).relay, Relay::Sockmap);
-        assert_eq!(run(&["--relay=splice"]).relay, Relay::Splice);
-        let e = usage_error(&["--relay", "kernel"]);
-        assert!(e.starts_with("--relay: invalid value 'kernel'"), "{e}");
-        assert!(help().contains("--relay KIND"));
     }
 
     #[test]

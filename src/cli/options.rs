@@ -3,7 +3,6 @@
 
 use getopts::Options;
 
-use super::Relay;
 use crate::dns::DEFAULT_FAKE_NET;
 
 pub(super) fn options() -> Options {
@@ -162,18 +161,6 @@ pub(super) fn options() -> Options {
         "NAME=VALUE",
     );
     // Run time.
-    o.optopt(
-        "",
-        "relay",
-        &format!(
-            "how established connections are relayed: splice (ktproxy's thread, splice(2) \
-             through pipes) or sockmap (the kernel: a BPF sockhash and stream verdict program \
-             send each side's data to the other while the thread sleeps; a connection the \
-             kernel refuses, or a kernel without it, is spliced) (default {})",
-            Relay::DEFAULT.name()
-        ),
-        "KIND",
-    );
     o.optopt(
         "",
         "drain",

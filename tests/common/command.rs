@@ -30,10 +30,7 @@ pub fn ktproxy_cmd(opts: &[&str], command: &[&str]) -> Command {
         );
     }
     let mut cmd = Command::new(KTPROXY);
-    cmd.args(super::proxy::relay_args(opts))
-        .args(opts)
-        .arg("--")
-        .args(command);
+    cmd.args(opts).arg("--").args(command);
     for v in PROXY_ENV {
         cmd.env_remove(v);
     }

@@ -31,28 +31,6 @@ pub const LOG_TIMEOUT: Duration = Duration::from_secs(5);
 /// Listen on both loopbacks, IPv4 and IPv6.
 pub const DUAL: [&str; 4] = ["-l", "127.0.0.1:0", "-l", "[::1]:0"];
 
-/// `--relay KIND` when the environment says `KTPROXY_TEST_RELAY=KIND`
-/// (scripts/test.sh runs the end-to-end tests once per relay), unless the
-/// options `opts` choose a relay themselves.
-pub fn relay_args(opts: &[&str]) -> Vec<String> {
-    if opts.iter().any(|a| a.starts_with("--relay")) {
-        return Vec::new();
-    }
-    match std::env::var("KTPROXY_TEST_RELAY") {
-        Ok(kind) if !kind.is_empty() => vec!["--relay".to_string(), kind],
-        _ => Vec::new(),
-    }
-}
-
-/// The relay the tests' ktproxy uses when its options choose none:
-/// `KTPROXY_TEST_RELAY`, or ktproxy's default, splice.
-pub fn default_relay() -> String {
-    match std::env::var("KTPROXY_TEST_RELAY") {
-        Ok(kind) if !kind.is_empty() => kind,
-        _ => "splice".to_string(),
-    }
-}
-
 /// `DUAL` followed by `extra`.
 pub fn with_dual<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     DUAL.iter().copied().chain(extra.iter().copied()).collect()
@@ -72,7 +50,7 @@ pub fn ktproxy_command(cg: &TestCgroup, extra: &[&str]) -> Command {
         own_listen |= a.starts_with("--listen") || (a.starts_with("-l") && !a.starts_with("--"));
     }
     let mut cmd = Command::new(KTPROXY);
-    cmd.arg("-c").arg(cg.path()).args(relay_args(&opts));
+    cmd.arg("-c").arg(cg.path());
     if !own_listen {
         cmd.args(["-l", "127.0.0.1:0"]);
     }
@@ -87,10 +65,7 @@ pub fn ktproxy_command(cg: &TestCgroup, extra: &[&str]) -> Command {
 pub fn ktproxy_in_netns(cg: &TestCgroup, ns: &NetNs, extra: &[&str]) -> Command {
     let ns_path = CString::new(format!("/run/netns/{}", ns.name())).unwrap();
     let mut cmd = Command::new(KTPROXY);
-    cmd.arg("-c")
-        .arg(cg.path())
-        .args(relay_args(extra))
-        .args(extra);
+    cmd.arg("-c").arg(cg.path()).args(extra);
     // SAFETY: open, setns and close are async-signal-safe syscalls on
     // memory prepared before fork.
     unsafe {
