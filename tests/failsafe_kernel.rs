@@ -430,17 +430,21 @@ fn with_thread_creation_failing_new_connections_are_refused_promptly_and_served_
     let capped: Vec<String> = (0..4).map(|_| open()).collect();
     assert!(
         !capped.iter().any(|r| r == "hung"),
-        "a connection hung while threads could not be started: {capped:?}\n{}",
+        "a connection hung while threads could not be started: {capped:?}\n{}\n{}",
+        cap.state(),
         tail(&proxy.log(), 20)
     );
     assert!(
         capped.iter().any(|r| r.starts_with("refused")) && cap.refusals() > 0,
-        "the cap never bit ({threads} threads, {} refusals): {capped:?}",
-        cap.refusals()
+        "the cap never bit ({threads} threads, {} refusals): {capped:?}\n{}\n{}",
+        cap.refusals(),
+        cap.state(),
+        tail(&proxy.log(), 20)
     );
     assert!(
         proxy.log().contains("cannot start a connection thread"),
-        "{}",
+        "{}\n{}",
+        cap.state(),
         tail(&proxy.log(), 20)
     );
 
@@ -452,7 +456,8 @@ fn with_thread_creation_failing_new_connections_are_refused_promptly_and_served_
     });
     assert!(
         served,
-        "nothing served after the cap was raised: {after:?}\n{}",
+        "nothing served after the cap was raised: {after:?}\n{}\n{}",
+        cap.state(),
         tail(&proxy.log(), 20)
     );
     assert!(

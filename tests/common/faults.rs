@@ -264,6 +264,22 @@ impl PidsCap {
         write(&self.dir.join("pids.max"), max);
     }
 
+    /// The cgroup and its pids files, for failure messages.
+    pub fn state(&self) -> String {
+        let read = |f: &str| {
+            fs::read_to_string(self.dir.join(f))
+                .map(|s| s.trim().replace('\n', ", "))
+                .unwrap_or_else(|e| format!("({e})"))
+        };
+        format!(
+            "{}: pids.current {}, pids.max {}, pids.events {}",
+            self.dir.display(),
+            read("pids.current"),
+            read("pids.max"),
+            read("pids.events")
+        )
+    }
+
     /// How often creating a task failed at the cap (pids.events "max N").
     pub fn refusals(&self) -> u64 {
         fs::read_to_string(self.dir.join("pids.events"))
