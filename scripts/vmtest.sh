@@ -373,7 +373,13 @@ for d in "${kdirs[@]}"; do
 	say "booting $kver ($pver) under qemu TCG (load average $(cut -d' ' -f1-3 /proc/loadavg))"
 	start=$SECONDS
 	set +e
-	timeout "$vm_timeout" qemu-system-x86_64 -accel tcg -cpu max -m 2048 -smp 2 \
+	# thread=single: with one host thread per vCPU (multi-threaded TCG) a
+	# guest CPU can run a stale translation of kernel text another CPU has
+	# just patched: static keys flip whenever the first or last cgroup BPF
+	# program of a type comes or goes, which these tests do all the time. 6.12
+	# died of it once ("Oops: int3" in __alloc_pages, a jump label being
+	# patched). One host thread for both vCPUs keeps the code coherent.
+	timeout "$vm_timeout" qemu-system-x86_64 -accel tcg,thread=single -cpu max -m 2048 -smp 2 \
 		-display none -monitor none -serial "file:$out/console.log" -nic none -no-reboot \
 		-kernel "$d/vmlinuz" -initrd "$d/initrd.img" \
 		-append "console=ttyS0 root=/dev/vda rw init=/sbin/vmtest-init panic=-1 loglevel=4" \
