@@ -14,7 +14,9 @@
 //! - `bpftool`: what the kernel has attached, as bpftool shows it;
 //! - `unprivileged`: ktproxy run as nobody, from a copy nobody can reach;
 //! - `security`: nftables tables, clients as nobody, a terminal (script);
-//! - `faults`: stopped processes, capped threads, a probe that keeps connecting.
+//! - `faults`: stopped processes, capped threads, a probe that keeps connecting;
+//! - `plan`: connection plans whose every byte both ends check, their server
+//!   and their client (tests/relay.rs).
 //!
 //! ktproxy's log lines are parsed by `ktproxy::logline`, re-exported here.
 //!
@@ -36,6 +38,7 @@ mod command;
 mod dns;
 mod faults;
 mod netns;
+mod plan;
 mod process;
 mod proxy;
 mod route;
@@ -47,8 +50,8 @@ mod upstream;
 // Each test file uses a part: what one does not use is not an error.
 #[allow(unused_imports)]
 pub use self::{
-    bpftool::*, cgroup::*, clients::*, command::*, dns::*, faults::*, netns::*, process::*,
-    proxy::*, route::*, security::*, servers::*, unprivileged::*, upstream::*,
+    bpftool::*, cgroup::*, clients::*, command::*, dns::*, faults::*, netns::*, plan::*,
+    process::*, proxy::*, route::*, security::*, servers::*, unprivileged::*, upstream::*,
 };
 #[allow(unused_imports)]
 pub use ktproxy::logline::{
