@@ -342,32 +342,12 @@ pub fn serve_plan(conn: &TcpStream, banner_first: bool) -> Result<(), String> {
             plan.banner
         )));
     }
-    let received = Arc::new(AtomicU64::new(0));
-    let (tx, rx) = mpsc::channel::<()>();
-    let writer = {
-        let conn = conn.try_clone().map_err(|e| e.to_string())?;
-        let received = Arc::clone(&received);
-        thread::spawn(move || -> Result<(), String> {
-            send_stream(&conn, &mut Stream::new(!plan.key), plan.down)
-                .map_err(|e| format!("sending {} bytes: {e}", plan.down))?;
-            while received.load(Ordering::SeqCst) < plan.server_close_at {
-                if rx.recv().is_err() {
-                    break;
-                }
-            }
-            conn.shutdown(Shutdown::Write)
-                .map_err(|e| format!("shutdown: {e}"))
-        })
-    };
-    thread::sleep(Duration::from_millis(plan.server_pause_ms));
-    let got = check_stream(conn, plan.key, |n| {
-        received.store(n, Ordering::SeqCst);
-        let _ = tx.send(());
-    });
-    drop(tx);
-    let sent = writer
-        .join()
-        .unwrap_or_else(|_| Err("writer panicked".into()));
+    let (got, sent) = run_end(
+        conn,
+        (!plan.key, plan.down),
+        (plan.key, plan.server_close_at),
+        plan.server_pause_ms,
+    );
     let got = got.map_err(|e| fail(format!("{plan:?}: {e}")))?;
     sent.map_err(fail)?;
     if got != plan.up {
@@ -399,25 +379,52 @@ fn client_plan_on(conn: TcpStream, plan: Plan) -> Result<(), String> {
     }
     c.write_all(&plan.encode())
         .map_err(|e| format!("sending the plan: {e}"))?;
-    let received = Arc::new(AtomicU64::new(0));
+    let (got, sent) = run_end(
+        &conn,
+        (plan.key, plan.up),
+        (!plan.key, plan.client_close_at),
+        plan.client_pause_ms,
+    );
+    let got = got?;
+    sent?;
+    if got != plan.down {
+        return Err(format!("{got} bytes arrived, {} were sent", plan.down));
+    }
+    Ok(())
+}
+
+/// One end of a plan once the plan is exchanged: a thread sends `out.1`
+/// bytes of the stream keyed `out.0` and half-closes once `inbound.1`
+/// bytes have arrived; this one, after `pause_ms`, reads and checks the
+/// stream keyed `inbound.0`. Returns (bytes received, the sending side).
+fn run_end(
+    conn: &TcpStream,
+    out: (u64, u64),
+    inbound: (u64, u64),
+    pause_ms: u64,
+) -> (Result<u64, String>, Result<(), String>) {
     let (tx, rx) = mpsc::channel::<()>();
-    let writer = {
-        let conn = conn.try_clone().map_err(|e| e.to_string())?;
-        let received = Arc::clone(&received);
-        thread::spawn(move || -> Result<(), String> {
-            send_stream(&conn, &mut Stream::new(plan.key), plan.up)
-                .map_err(|e| format!("sending {} bytes: {e}", plan.up))?;
-            while received.load(Ordering::SeqCst) < plan.client_close_at {
-                if rx.recv().is_err() {
-                    break;
+    let received = Arc::new(AtomicU64::new(0));
+    let writer = match conn.try_clone() {
+        Ok(conn) => {
+            let received = Arc::clone(&received);
+            thread::spawn(move || -> Result<(), String> {
+                let (key, n) = out;
+                send_stream(&conn, &mut Stream::new(key), n)
+                    .map_err(|e| format!("sending {n} bytes: {e}"))?;
+                while received.load(Ordering::SeqCst) < inbound.1 {
+                    if rx.recv().is_err() {
+                        break;
+                    }
                 }
-            }
-            conn.shutdown(Shutdown::Write)
-                .map_err(|e| format!("shutdown: {e}"))
-        })
+                conn.shutdown(Shutdown::Write)
+                    .map_err(|e| format!("shutdown: {e}"))
+            })
+        }
+        Err(e) => return (Err(e.to_string()), Ok(())),
     };
-    thread::sleep(Duration::from_millis(plan.client_pause_ms));
-    let got = check_stream(&conn, !plan.key, |n| {
+    thread::sleep(Duration::from_millis(pause_ms));
+    let got = check_stream(conn, inbound.0, |n| {
         received.store(n, Ordering::SeqCst);
         let _ = tx.send(());
     });
@@ -425,10 +432,5 @@ fn client_plan_on(conn: TcpStream, plan: Plan) -> Result<(), String> {
     let sent = writer
         .join()
         .unwrap_or_else(|_| Err("writer panicked".into()));
-    let got = got?;
-    sent?;
-    if got != plan.down {
-        return Err(format!("{got} bytes arrived, {} were sent", plan.down));
-    }
-    Ok(())
+    (got, sent)
 }
