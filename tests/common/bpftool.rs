@@ -12,13 +12,25 @@ use super::process::{describe, need, run_within, scaled, stdout, wait_until};
 use super::proxy::Proxy;
 
 /// `bpftool -j ARGS`, parsed; no output at all is an empty array.
+///
+/// bpftool lists objects by id and then opens each; one that another test's
+/// ktproxy releases in between makes it fail ("can't get link by id (N)").
+/// That says nothing about the object asked for: ask again.
 fn bpftool_json(args: &[&str]) -> Value {
-    let o = run_within(
-        Command::new("bpftool").arg("-j").args(args),
-        Duration::from_secs(20),
-    );
-    assert!(o.status.success(), "bpftool -j {args:?}: {}", describe(&o));
-    parse(&stdout(&o), args)
+    let mut attempt = 0;
+    loop {
+        let o = run_within(
+            Command::new("bpftool").arg("-j").args(args),
+            Duration::from_secs(20),
+        );
+        let vanished = stdout(&o).contains("can't get") && stdout(&o).contains("by id");
+        if o.status.success() || !vanished || attempt == 5 {
+            assert!(o.status.success(), "bpftool -j {args:?}: {}", describe(&o));
+            return parse(&stdout(&o), args);
+        }
+        attempt += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn parse(text: &str, args: &[&str]) -> Value {
