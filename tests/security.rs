@@ -291,10 +291,12 @@ echo finished
 /// each SIGINT, SIGQUIT and SIGWINCH, then echoes the line typed.
 const INTERACTIVE: &str = r#"
 import os, signal, sys
+# Handlers write with os.write: a signal that arrives while another
+# handler is inside print() would make Python fail with "reentrant call".
 def said(sig, frame):
-    print("got", signal.Signals(sig).name, flush=True)
+    os.write(1, ("got %s\n" % signal.Signals(sig).name).encode())
 def resized(sig, frame):
-    print("size %d %d" % tuple(os.get_terminal_size(0)), flush=True)
+    os.write(1, ("size %d %d\n" % tuple(os.get_terminal_size(0))).encode())
 signal.signal(signal.SIGINT, said)
 signal.signal(signal.SIGQUIT, said)
 signal.signal(signal.SIGWINCH, resized)
