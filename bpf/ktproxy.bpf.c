@@ -439,11 +439,10 @@ static __always_inline int dest6_wanted(const __u32 ip[4])
 	return 1;
 }
 
-/* Checks shared by both families, cheapest first. */
-static __always_inline int socket_wanted(struct bpf_sock_addr *ctx)
+/* Not ktproxy's own cgroup, and ktproxy's network namespace: checks shared
+ * by every socket type and both families. */
+static __always_inline int caller_wanted(struct bpf_sock_addr *ctx)
 {
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return 0;
 	if (bpf_get_current_cgroup_id() == proxy_cgroup_id) {
 		count(STAT_SKIPPED_PROXY_OWN);
 		return 0;
@@ -453,6 +452,14 @@ static __always_inline int socket_wanted(struct bpf_sock_addr *ctx)
 		return 0;
 	}
 	return 1;
+}
+
+/* A TCP socket of an intercepted caller, cheapest check first. */
+static __always_inline int socket_wanted(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 0;
+	return caller_wanted(ctx);
 }
 
 /* Remember the destination; 0 if the socket could not get storage, in which
@@ -513,6 +520,16 @@ static __always_inline int is_loopback4(__u32 ip)
 }
 
 /* :: counts as loopback: connecting to it reaches this host's ::1. */
+/* The destination address of an IPv6 sock_addr context, word by word: the
+ * verifier allows only 4-byte loads at constant offsets of user_ip6. */
+static __always_inline void load_user_ip6(__u32 ip[4], const struct bpf_sock_addr *ctx)
+{
+	ip[0] = ctx->user_ip6[0];
+	ip[1] = ctx->user_ip6[1];
+	ip[2] = ctx->user_ip6[2];
+	ip[3] = ctx->user_ip6[3];
+}
+
 static __always_inline int is_loopback6(const __u32 ip[4])
 {
 	if (is_v4_mapped(ip))
@@ -586,20 +603,6 @@ static __always_inline int unproxyable4(__u32 ip)
 	}
 	return unproxied_verdict(is_loopback4(ip), STAT_REFUSED_UNPROXYABLE,
 				 STAT_DIRECT_UNPROXYABLE);
-}
-
-/* Like socket_wanted, for sockets that are not TCP. */
-static __always_inline int datagram_wanted(struct bpf_sock_addr *ctx)
-{
-	if (bpf_get_current_cgroup_id() == proxy_cgroup_id) {
-		count(STAT_SKIPPED_PROXY_OWN);
-		return 0;
-	}
-	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie) {
-		count(STAT_SKIPPED_OTHER_NETNS);
-		return 0;
-	}
-	return 1;
 }
 
 static __always_inline int is_dns_query(struct bpf_sock_addr *ctx, __u16 port)
@@ -710,7 +713,7 @@ static __always_inline int not_tcp_connect4(struct bpf_sock_addr *ctx)
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
 	__u32 ip = unspecified_to_loopback4(ctx->user_ip4);
 
-	if (!datagram_wanted(ctx))
+	if (!caller_wanted(ctx))
 		return 1;
 	if (ctx->type != SOCK_STREAM)
 		forget_server(ctx);
@@ -727,12 +730,9 @@ static __always_inline int not_tcp_connect6(struct bpf_sock_addr *ctx)
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
 	__u32 ip[4];
 
-	if (!datagram_wanted(ctx))
+	if (!caller_wanted(ctx))
 		return 1;
-	ip[0] = ctx->user_ip6[0];
-	ip[1] = ctx->user_ip6[1];
-	ip[2] = ctx->user_ip6[2];
-	ip[3] = ctx->user_ip6[3];
+	load_user_ip6(ip, ctx);
 	if (ctx->type != SOCK_STREAM)
 		forget_server(ctx);
 	if (is_dns_query(ctx, port))
@@ -751,7 +751,7 @@ int ktproxy_sendmsg4(struct bpf_sock_addr *ctx)
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
 	__u32 ip = unspecified_to_loopback4(ctx->user_ip4);
 
-	if (!datagram_wanted(ctx))
+	if (!caller_wanted(ctx))
 		return 1;
 	if (is_dns_query(ctx, port))
 		return dns_to_ktproxy4(ctx, ip, STAT_DNS_SENDMSG);
@@ -764,12 +764,9 @@ int ktproxy_sendmsg6(struct bpf_sock_addr *ctx)
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
 	__u32 ip[4];
 
-	if (!datagram_wanted(ctx))
+	if (!caller_wanted(ctx))
 		return 1;
-	ip[0] = ctx->user_ip6[0];
-	ip[1] = ctx->user_ip6[1];
-	ip[2] = ctx->user_ip6[2];
-	ip[3] = ctx->user_ip6[3];
+	load_user_ip6(ip, ctx);
 	if (is_dns_query(ctx, port))
 		return dns_to_ktproxy6(ctx, ip, STAT_DNS_SENDMSG);
 	return datagram_verdict(ctx, port, is_loopback6(ip));
@@ -802,10 +799,7 @@ int ktproxy_recvmsg6(struct bpf_sock_addr *ctx)
 	__u16 port = bpf_ntohs((__u16)ctx->user_port);
 	__u16 family;
 
-	ip[0] = ctx->user_ip6[0];
-	ip[1] = ctx->user_ip6[1];
-	ip[2] = ctx->user_ip6[2];
-	ip[3] = ctx->user_ip6[3];
+	load_user_ip6(ip, ctx);
 	if (dns_port4 && port == dns_port4 && is_v4_mapped(ip) && ip[3] == dns_ip4)
 		family = AF_INET;
 	else if (dns_port6 && port == dns_port6 && ip[0] == dns_ip6[0] && ip[1] == dns_ip6[1] &&
@@ -881,10 +875,7 @@ int ktproxy_connect6(struct bpf_sock_addr *ctx)
 	if (!socket_wanted(ctx))
 		return 1;
 	port = bpf_ntohs((__u16)ctx->user_port);
-	dst.ip[0] = ctx->user_ip6[0];
-	dst.ip[1] = ctx->user_ip6[1];
-	dst.ip[2] = ctx->user_ip6[2];
-	dst.ip[3] = ctx->user_ip6[3];
+	load_user_ip6(dst.ip, ctx);
 
 	if (is_v4_mapped(dst.ip)) {
 		/* ::ffff:a.b.c.d on an AF_INET6 socket is an IPv4 connection that
@@ -1038,10 +1029,7 @@ int ktproxy_guard_sendmsg6(struct bpf_sock_addr *ctx)
 
 	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie)
 		return 1;
-	ip[0] = ctx->user_ip6[0];
-	ip[1] = ctx->user_ip6[1];
-	ip[2] = ctx->user_ip6[2];
-	ip[3] = ctx->user_ip6[3];
+	load_user_ip6(ip, ctx);
 	return guard_datagram(ctx, is_loopback6(ip), bpf_ntohs((__u16)ctx->user_port));
 }
 
@@ -1054,10 +1042,7 @@ int ktproxy_guard6(struct bpf_sock_addr *ctx)
 	if (bpf_get_netns_cookie(ctx) != proxy_netns_cookie)
 		return 1;
 	port = bpf_ntohs((__u16)ctx->user_port);
-	ip[0] = ctx->user_ip6[0];
-	ip[1] = ctx->user_ip6[1];
-	ip[2] = ctx->user_ip6[2];
-	ip[3] = ctx->user_ip6[3];
+	load_user_ip6(ip, ctx);
 	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
 		return guard_datagram(ctx, is_loopback6(ip), port);
 	if (is_v4_mapped(ip))

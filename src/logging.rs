@@ -203,30 +203,29 @@ impl State {
 
     /// Waits at most `timeout` for the lines queued so far to be written.
     fn flush(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut r = self.lock();
+        let r = self.lock();
         let target = r.write;
-        while r.written < target && !r.done {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                return false;
-            };
-            r = self
-                .finished
-                .wait_timeout(r, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        true
+        self.wait_for(r, timeout, |r| r.written >= target || r.done)
     }
 
     /// Asks the logger thread to write what is queued and the dropped
     /// total, and waits for it at most `timeout`.
     fn finish(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
         let mut r = self.lock();
         r.closing = true;
         self.wake.notify_one();
-        while !r.done {
+        self.wait_for(r, timeout, |r| r.done)
+    }
+
+    /// Waits at most `timeout` on `finished` until `done` holds.
+    fn wait_for(
+        &self,
+        mut r: MutexGuard<'_, Ring>,
+        timeout: Duration,
+        done: impl Fn(&Ring) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !done(&r) {
             let Some(left) = deadline.checked_duration_since(Instant::now()) else {
                 return false;
             };
@@ -446,30 +445,21 @@ mod tests {
     fn lines_look_as_simplelog_printed_them() {
         // 1 Dec 2026 08:41:51 UTC.
         let t = 1_796_114_511;
-        assert_eq!(
-            line(Level::Info as u8, t, "ktproxy ready: x", false),
-            "08:41:51 [INFO] ktproxy ready: x\n"
-        );
-        assert_eq!(
-            line(Level::Warn as u8, 5, "w", false),
-            "00:00:05 [WARN] w\n"
-        );
-        assert_eq!(
-            line(Level::Error as u8, 86_399, "e", false),
-            "23:59:59 [ERROR] e\n"
-        );
-        assert_eq!(
-            line(Level::Debug as u8, 0, "d", false),
-            "00:00:00 [DEBUG] d\n"
-        );
-        assert_eq!(
-            line(Level::Trace as u8, 0, "t", false),
-            "00:00:00 [TRACE] t\n"
-        );
-        assert_eq!(
-            line(RAW, t, "ktproxy: error: x", false),
-            "ktproxy: error: x\n"
-        );
+        for (level, secs, msg, want) in [
+            (
+                Level::Info as u8,
+                t,
+                "ktproxy ready: x",
+                "08:41:51 [INFO] ktproxy ready: x\n",
+            ),
+            (Level::Warn as u8, 5, "w", "00:00:05 [WARN] w\n"),
+            (Level::Error as u8, 86_399, "e", "23:59:59 [ERROR] e\n"),
+            (Level::Debug as u8, 0, "d", "00:00:00 [DEBUG] d\n"),
+            (Level::Trace as u8, 0, "t", "00:00:00 [TRACE] t\n"),
+            (RAW, t, "ktproxy: error: x", "ktproxy: error: x\n"),
+        ] {
+            assert_eq!(line(level, secs, msg, false), want);
+        }
     }
 
     #[test]

@@ -395,20 +395,7 @@ mod tests {
 
     #[test]
     fn half_close_is_forwarded_and_the_answer_still_arrives() {
-        let (totals, err) = with_relay(|mut client, mut server| {
-            client.write_all(b"question").unwrap();
-            client.shutdown(Shutdown::Write).unwrap();
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).unwrap();
-            assert_eq!(got, b"question");
-            server.write_all(b"answer").unwrap();
-            drop(server);
-            let mut back = Vec::new();
-            client.read_to_end(&mut back).unwrap();
-            assert_eq!(back, b"answer");
-        });
-        assert!(err.is_none(), "{err:?}");
-        assert_eq!((totals.up, totals.down), (8, 6));
+        half_close_then_answer(PipePool::new(4));
     }
 
     #[test]
@@ -423,21 +410,24 @@ mod tests {
 
     #[test]
     fn without_pipes_half_close_is_forwarded() {
-        let (totals, err) = with_relay_pool(
-            PipePool::new(4).copy_only(true),
-            |mut client, mut server| {
-                client.write_all(b"question").unwrap();
-                client.shutdown(Shutdown::Write).unwrap();
-                let mut got = Vec::new();
-                server.read_to_end(&mut got).unwrap();
-                assert_eq!(got, b"question");
-                server.write_all(b"answer").unwrap();
-                drop(server);
-                let mut back = Vec::new();
-                client.read_to_end(&mut back).unwrap();
-                assert_eq!(back, b"answer");
-            },
-        );
+        half_close_then_answer(PipePool::new(4).copy_only(true));
+    }
+
+    /// The client asks and half-closes; the server reads to the end, then
+    /// answers and closes: both ends see everything, and the totals count it.
+    fn half_close_then_answer(pool: PipePool) {
+        let (totals, err) = with_relay_pool(pool, |mut client, mut server| {
+            client.write_all(b"question").unwrap();
+            client.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"question");
+            server.write_all(b"answer").unwrap();
+            drop(server);
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).unwrap();
+            assert_eq!(back, b"answer");
+        });
         assert!(err.is_none(), "{err:?}");
         assert_eq!((totals.up, totals.down), (8, 6));
     }

@@ -12,6 +12,35 @@ use std::path::Path;
 
 use crate::error::{io_text, Error, Result};
 
+/// The entries of a list file given to option `opt` (--dest-file,
+/// --exclude-file, --direct-domain-file): one per line, blank lines and `#`
+/// comments (whole-line or trailing) ignored, each line read by `item`.
+/// Errors are usage errors naming the option, and the file and line.
+pub fn read_list_file<T>(
+    opt: &str,
+    path: &Path,
+    item: impl Fn(&str) -> std::result::Result<T, String>,
+) -> Result<Vec<T>> {
+    let text = fs::read_to_string(path).map_err(|e| {
+        Error::usage(format!(
+            "{opt}: cannot read {}: {}",
+            path.display(),
+            io_text(&e)
+        ))
+    })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let v = item(line)
+            .map_err(|e| Error::usage(format!("{opt}: {}:{}: {e}", path.display(), i + 1)))?;
+        out.push(v);
+    }
+    Ok(out)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cidr {
     V4(Ipv4Addr, u8),
@@ -105,25 +134,9 @@ impl Rules {
         Ok(())
     }
 
-    /// One CIDR per line; blank lines and `#` comments (whole-line or
-    /// trailing) are ignored. Errors name the file and line.
+    /// One CIDR per line (see [`read_list_file`]).
     pub fn add_file(list: &mut Vec<Cidr>, opt: &str, path: &Path) -> Result<()> {
-        let text = fs::read_to_string(path).map_err(|e| {
-            Error::usage(format!(
-                "{opt}: cannot read {}: {}",
-                path.display(),
-                io_text(&e)
-            ))
-        })?;
-        for (i, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let cidr = Cidr::parse(line)
-                .map_err(|e| Error::usage(format!("{opt}: {}:{}: {e}", path.display(), i + 1)))?;
-            list.push(cidr);
-        }
+        list.extend(read_list_file(opt, path, Cidr::parse)?);
         Ok(())
     }
 

@@ -6,11 +6,11 @@
 
 use std::collections::HashSet;
 use std::ffi::CString;
-use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
-use crate::error::{io_text, Error, Result};
+use crate::error::{Error, Result};
+use crate::rules::read_list_file;
 
 /// --direct-domain SUFFIX... and --direct-domain-file FILE... into
 /// normalized suffixes: lower-case, no leading or trailing dot. Files hold
@@ -23,28 +23,11 @@ pub fn parse_direct_domains(args: &[String], files: &[String]) -> Result<Vec<Str
         out.push(d);
     }
     for f in files {
-        let path = Path::new(f);
-        let text = fs::read_to_string(path).map_err(|e| {
-            Error::usage(format!(
-                "--direct-domain-file: cannot read {}: {}",
-                path.display(),
-                io_text(&e)
-            ))
-        })?;
-        for (i, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
-            let d = normalize(line).map_err(|e| {
-                Error::usage(format!(
-                    "--direct-domain-file: {}:{}: {e}",
-                    path.display(),
-                    i + 1
-                ))
-            })?;
-            out.push(d);
-        }
+        out.extend(read_list_file(
+            "--direct-domain-file",
+            Path::new(f),
+            normalize,
+        )?);
     }
     out.sort();
     out.dedup();
@@ -182,6 +165,7 @@ fn sockaddr_ip(ai: &libc::addrinfo) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
